@@ -1,0 +1,169 @@
+"""Weights and tokenizer from a Hugging Face directory, a GGUF file, or random (dummy) weights.
+
+Every path yields (ModelConfig, tokenizer, iterator of Hugging Face-named tensors); the model maps the
+names onto its fused parameters.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, default_model_path
+
+WeightIter = Iterator[tuple[str, torch.Tensor]]
+
+
+def load_model_files(path: str, load_format: str = "auto"):
+    """Returns (ModelConfig, tokenizer or None, weights iterator or None for dummy)."""
+    if load_format == "dummy":
+        return _dummy_config(path), _load_tokenizer_for_dummy(path), None
+    if path.endswith(".gguf") or load_format == "gguf":
+        return _load_gguf(path)
+    return _load_hf_dir(path)
+
+
+# ---- Hugging Face directory -------------------------------------------------------------------
+
+def _read_config(path: str) -> dict:
+    config_file = path if path.endswith(".json") else os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"no config.json at {path!r}")
+    with open(config_file) as f:
+        return json.load(f)
+
+
+def _load_hf_dir(path: str):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    cfg = ModelConfig.from_hf(_read_config(path), name=os.path.basename(os.path.normpath(path)))
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):  # sharded: the index names the files that hold weights
+        with open(index) as f:
+            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {path!r}")
+
+    def weights() -> WeightIter:
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+    return cfg, AutoTokenizer.from_pretrained(path), weights()
+
+
+# ---- GGUF ------------------------------------------------------------------------------------
+
+_GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _gguf_hf_name(name: str) -> str:
+    if name in _GGUF_NAMES:
+        return _GGUF_NAMES[name]
+    _, layer, kind, suffix = name.split(".")  # blk.N.kind.weight
+    return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
+
+
+def _undo_rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp stores Llama's q/k rows interleaved for its rope; restore Hugging Face's order."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _load_gguf(path: str):
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch not in _GGUF_ARCHS:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(_GGUF_ARCHS)}")
+    names = {t.name for t in reader.tensors}
+    heads = field(f"{arch}.attention.head_count")
+    embd = reader.tensors[[t.name for t in reader.tensors].index("token_embd.weight")]
+    eos = field("tokenizer.ggml.eos_token_id")
+    cfg = ModelConfig(
+        architecture=_GGUF_ARCHS[arch],
+        vocab_size=field(f"{arch}.vocab_size") or int(embd.shape[1]),
+        hidden_size=field(f"{arch}.embedding_length"),
+        intermediate_size=field(f"{arch}.feed_forward_length"),
+        num_hidden_layers=field(f"{arch}.block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=field(f"{arch}.attention.head_count_kv", heads),
+        head_dim=field(f"{arch}.attention.key_length") or field(f"{arch}.embedding_length") // heads,
+        max_position_embeddings=field(f"{arch}.context_length", 2048),
+        rms_norm_eps=field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=field(f"{arch}.rope.freq_base", 10000.0),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias=any(n.endswith("attn_q.bias") for n in names),
+        qk_norm=any("attn_q_norm" in n for n in names),
+        bos_token_id=field("tokenizer.ggml.bos_token_id"),
+        eos_token_id=[] if eos is None else [eos],
+        name=field("general.name") or os.path.basename(path),
+    )
+
+    def weights() -> WeightIter:
+        for t in reader.tensors:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)  # the arithmetic transformers uses
+            w = np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])  # a writable copy
+            if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+                n = cfg.num_attention_heads if "attn_q" in t.name else cfg.num_key_value_heads
+                w = _undo_rope_permute(w, n)
+            yield _gguf_hf_name(t.name), torch.from_numpy(np.ascontiguousarray(w))
+
+    return cfg, _load_gguf_tokenizer(path), weights()
+
+
+# ---- dummy weights ---------------------------------------------------------------------------
+
+def _dummy_config(path: str) -> ModelConfig:
+    return ModelConfig.from_hf(_read_config(path), name=os.path.basename(os.path.normpath(path)))
+
+
+def _load_tokenizer_for_dummy(path: str):
+    """The directory's own tokenizer if it has one, else the default model's (ids < 49,152 are
+    valid in any vocabulary at least that large)."""
+    from transformers import AutoTokenizer
+
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if glob.glob(os.path.join(folder, "tokenizer*")):
+        return AutoTokenizer.from_pretrained(folder)
+    return _load_gguf_tokenizer(default_model_path())
+
+
+def _load_gguf_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                         gguf_file=os.path.basename(path))
+
+
+def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Small random weights (norm weights stay 1) so every kernel sees realistic, non-zero data."""
+    for name, p in model.named_parameters():
+        if "norm" not in name:
+            g = torch.Generator(p.device).manual_seed(seed)
+            p.data.uniform_(-0.05, 0.05, generator=g)
+            seed += 1

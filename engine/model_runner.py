@@ -1,0 +1,136 @@
+"""The model and its KV cache on a device; turns a SchedulerOutput into packed tensors and logits.
+
+This is the one place where bookkeeping becomes tensors: input_ids, positions, slot_mapping,
+block_tables, seq_lens, query_start_loc, and the indices of the tokens whose logits are sampled.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from .config import EngineConfig, ModelConfig
+from .loader import init_dummy_weights
+from .models.layers import AttentionMetadata, kernel_ops
+from .models.llama import LlamaForCausalLM
+from .request import Sequence
+from .scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights, max_model_len: int):
+        self.config = config
+        self.model_config = model_config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype()
+        self.block_size = config.block_size
+        with torch.device(self.device), _default_dtype(self.dtype):
+            self.model = LlamaForCausalLM(model_config, kernel_ops(self.device))
+        if weights is None:
+            init_dummy_weights(self.model, config.seed)
+        else:
+            with torch.no_grad():
+                self.model.load_weights(weights)
+        self.model.eval()
+        self.num_blocks = self._num_kv_blocks(max_model_len)
+        c = model_config
+        shape = (2, self.num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
+        self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(c.num_hidden_layers)]
+
+    def _bytes_per_block(self) -> int:
+        c = self.model_config
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * c.num_hidden_layers * self.block_size * c.num_key_value_heads * c.head_dim * elem
+
+    def _num_kv_blocks(self, max_model_len: int) -> int:
+        budget = self.config.kv_cache_memory
+        if budget is None and self.device.type == "cuda":
+            budget = self._profile_free_gpu_memory()
+        elif budget is None:
+            budget = DEFAULT_CPU_KV_CACHE_BYTES
+        num_blocks = budget // self._bytes_per_block()
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory of {budget} bytes holds no KV block "
+                             f"(one block takes {self._bytes_per_block()} bytes)")
+        return int(num_blocks)
+
+    def _profile_free_gpu_memory(self) -> int:
+        """GPU memory left for the KV cache after a prefill of max_num_batched_tokens tokens."""
+        c, dev = self.model_config, self.device
+        n = min(self.config.max_num_batched_tokens, c.max_position_embeddings)
+        num_blocks = -(-n // self.block_size)
+        scratch = [torch.empty((2, num_blocks, self.block_size, c.num_key_value_heads, c.head_dim),
+                               dtype=self.dtype, device=dev) for _ in range(c.num_hidden_layers)]
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(n, dtype=torch.int64, device=dev),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=dev)[None],
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev))
+        torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            positions = torch.arange(n, device=dev)
+            h = self.model(positions % c.vocab_size, positions, scratch, meta)
+            self.model.compute_logits(h[-self.config.max_num_seqs:])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del scratch, h
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(dev).total_memory
+        return int(total * self.config.gpu_memory_utilization - peak)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, list[Sequence]]:
+        """One forward pass. Returns float32 logits of the sequences that sample this step (those whose
+        scheduled tokens reach their last token), and those sequences."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_start_loc = [0]
+        logits_indices: list[int] = []
+        sample_seqs: list[Sequence] = []
+        bs = self.block_size
+        for seq, n in zip(sched.seqs, sched.num_tokens):
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            blocks = seq.block_ids
+            slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
+            seq_lens.append(end)
+            query_start_loc.append(query_start_loc[-1] + n)
+            if end == seq.num_tokens:
+                logits_indices.append(query_start_loc[-1] - 1)
+                sample_seqs.append(seq)
+        max_blocks = max(len(s.block_ids) for s in sched.seqs)
+        block_tables = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in sched.seqs]
+
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(block_tables, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev))
+        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
+                            torch.tensor(positions, dtype=torch.long, device=dev), self.kv_caches, meta)
+        if not sample_seqs:
+            return None, []
+        # Only the sampled positions need the LM head: a sixth of the work on prompt-heavy loads.
+        hidden = hidden[torch.tensor(logits_indices, device=dev)]
+        return self.model.compute_logits(hidden).float(), sample_seqs

@@ -1,0 +1,67 @@
+"""A sequence's state as the scheduler and engine see it."""
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+import torch
+
+from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .detokenizer import IncrementalDetokenizer
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One generated sequence: prompt ids, output ids, and how far the KV cache has been computed.
+
+    A request with n > 1 is fanned out into n Sequences that share its prompt (and, through prefix
+    caching, its prompt's KV blocks). `block_ids` is the sequence's block table.
+    """
+
+    def __init__(self, seq_id: str, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, detokenizer: IncrementalDetokenizer | None,
+                 generator: torch.Generator | None, arrival_time: float):
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index
+        self.prompt_token_ids = prompt_token_ids
+        self.output_token_ids: list[int] = []
+        self.token_ids = list(prompt_token_ids)  # prompt + output, grows every step
+        self.params = params
+        self.detokenizer = detokenizer
+        self.generator = generator
+        self.arrival_time = arrival_time
+        self.status = Status.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first schedule
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks
+        self.num_registered_blocks = 0  # leading blocks already in the prefix cache
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.token_ids.append(token_id)
