@@ -1,0 +1,117 @@
+"""Incremental detokenization: output token ids -> text, streamed safely, with stop strings.
+
+Decoding works like vLLM/TGI: each step decodes only a small window of ids
+(prefix_offset..end) and emits the part of its text beyond the already-emitted
+window prefix (prefix_offset..read_offset). Byte-level and byte-fallback tokenizers split
+one character across tokens, so while the window's text ends in U+FFFD (an incomplete
+UTF-8 sequence) nothing is emitted and the window just grows.
+"""
+from __future__ import annotations
+
+from engine.sampling_params import SamplingParams
+
+# Prompt ids used as initial context, so the first output token decodes as it would
+# mid-text (e.g. a sentencepiece "▁Hello" keeps its leading space).
+PROMPT_CONTEXT_TOKENS = 5
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of output token ids into text, incrementally, UTF-8 safe, with stop strings."""
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.tokenizer = tokenizer
+        self.params = params
+        self.skip_special = params.skip_special_tokens
+        # Dropping special ids up front (rather than only at decode) keeps a run of them from
+        # growing the decode window, and decode() of the rest gives the same text.
+        self._special_ids: frozenset[int] = frozenset(
+            [*tokenizer.all_special_ids,
+             *(i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special)]
+        ) if self.skip_special else frozenset()
+        self.stops: list[str] = list(params.stop or [])
+
+        ids = [i for i in prompt_token_ids if i not in self._special_ids][-PROMPT_CONTEXT_TOKENS:]
+        # A prompt cut mid-character would merge with the first output bytes and corrupt the
+        # prefix/new split; decode the output on its own then.
+        if self._decode(ids).endswith(REPLACEMENT_CHAR):
+            ids = []
+        self._ids: list[int] = ids  # context ids followed by the (non-skipped) output ids
+        self._prefix_offset = 0
+        self._read_offset = len(ids)
+
+        self._out: list[str] = []  # released text, in chunks; joined lazily by output_text
+        self._held = ""  # tail of the text that may still turn into a stop string
+        self._done = False
+
+    def append(self, token_ids: list[int]) -> str | None:
+        """Add newly sampled ids; returns the stop string that matched (generation must end), else None."""
+        if self._done:
+            raise RuntimeError("append() after the detokenizer finished")
+        self._ids.extend(i for i in token_ids if i not in self._special_ids)
+        return self._add_text(self._decode_new(flush=False))
+
+    @property
+    def output_text(self) -> str:
+        """Text safe to show now: excludes any held-back tail."""
+        if len(self._out) > 1:  # compact, so repeated reads cost O(new chunks)
+            self._out = ["".join(self._out)]
+        return self._out[0] if self._out else ""
+
+    def finish(self) -> str | None:
+        """Generation ended for another reason (EOS, length, abort): release held-back text.
+
+        Returns the stop string if the flushed last bytes (see below) completed one, else None.
+        """
+        if self._done:
+            return None
+        # Text still waiting for more bytes will get none; emit it as decode() would.
+        stop = self._add_text(self._decode_new(flush=True))
+        if stop is None:
+            self._release(self._held)
+            self._held = ""
+            self._done = True
+        return stop
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
+
+    def _decode_new(self, flush: bool) -> str:
+        """Text of the ids after read_offset; advances the window only past complete text."""
+        if self._read_offset == len(self._ids):
+            return ""
+        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        full_text = self._decode(self._ids[self._prefix_offset:])
+        if len(full_text) <= len(prefix_text) or (full_text.endswith(REPLACEMENT_CHAR) and not flush):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return full_text[len(prefix_text):]
+
+    def _add_text(self, new: str) -> str | None:
+        if not new:
+            return None
+        if not self.stops:
+            self._release(new)
+            return None
+        # A stop match can only start inside held + new: had it started in released text,
+        # that text would have ended in a proper prefix of the stop and been held back.
+        pending = self._held + new
+        match = min(((pos, stop) for stop in self.stops if (pos := pending.find(stop)) >= 0),
+                    default=None, key=lambda m: m[0])
+        if match is not None:
+            pos, stop = match
+            end = pos + len(stop) if self.params.include_stop_str_in_output else pos
+            self._release(pending[:end])
+            self._held = ""
+            self._done = True
+            return stop
+        # Hold back the longest suffix that is a proper prefix of some stop string.
+        hold = next((n for n in range(min(len(pending), max(map(len, self.stops)) - 1), 0, -1)
+                     if any(s.startswith(pending[-n:]) for s in self.stops)), 0)
+        self._release(pending[:len(pending) - hold])
+        self._held = pending[len(pending) - hold:]
+        return None
+
+    def _release(self, text: str) -> None:
+        if text:
+            self._out.append(text)
