@@ -220,9 +220,12 @@ class LLMEngine:
             self._finish(seq, "length", None)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
         if seq.detokenizer and not isinstance(stop_reason, str):
-            seq.detokenizer.finish()
+            # Releasing held-back bytes can complete a stop string after all.
+            late_stop = seq.detokenizer.finish()
+            if late_stop is not None and reason != "abort":
+                reason, stop_reason = "stop", late_stop
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
         self.finished_reasons[reason] = self.finished_reasons.get(reason, 0) + 1
 

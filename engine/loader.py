@@ -133,7 +133,7 @@ def _load_gguf(path: str):
                 w = _undo_rope_permute(w, n)
             yield _gguf_hf_name(t.name), torch.from_numpy(np.ascontiguousarray(w))
 
-    return cfg, _load_gguf_tokenizer(path), weights()
+    return cfg, load_gguf_tokenizer(path), weights()
 
 
 # ---- dummy weights ---------------------------------------------------------------------------
@@ -150,10 +150,10 @@ def _load_tokenizer_for_dummy(path: str):
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     if glob.glob(os.path.join(folder, "tokenizer*")):
         return AutoTokenizer.from_pretrained(folder)
-    return _load_gguf_tokenizer(default_model_path())
+    return load_gguf_tokenizer(default_model_path())
 
 
-def _load_gguf_tokenizer(path: str):
+def load_gguf_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
