@@ -42,7 +42,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v bias (Qwen2)
+    attention_bias: bool = False  # q/k/v bias (Qwen2; Llama and Qwen3 also put one on o_proj)
     qk_norm: bool = False  # per-head RMSNorm of q and k (Qwen3)
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
@@ -53,6 +53,8 @@ class ModelConfig:
         arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
+        rope = cfg.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -64,8 +66,8 @@ class ModelConfig:
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
             qk_norm=arch == "Qwen3ForCausalLM",

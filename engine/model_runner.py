@@ -50,7 +50,8 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks(max_model_len)
         c = model_config
         shape = (2, self.num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
-        self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device)
+        # Zeroed, not empty: attention reads whole blocks, and 0 * NaN from stale memory would be NaN.
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(c.num_hidden_layers)]
 
     def _bytes_per_block(self) -> int:
