@@ -14,8 +14,7 @@ import triton.language as tl
 
 # exp2 is cheaper than exp on the GPU; scores are pre-multiplied by log2(e) to compensate.
 _LOG2E = 1.4426950408889634
-# Keys per inner-loop tile. Pages are gathered per key, so it need not equal the cache block size.
-_TILE_N = 64
+
 # Split-KV never cuts a sequence into chunks shorter than this, nor into more chunks than this.
 _MIN_TOKENS_PER_SPLIT = 256
 _MAX_SPLITS = 32
@@ -145,6 +144,12 @@ def _merge_splits_kernel(
     tl.store(out_ptr + token * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
+def _tile_n(head_dim: int) -> int:
+    """Keys per inner-loop tile. Pages are gathered per key, so it need not match the cache block size;
+    the per-key addresses cost registers, and at head_dim 128 a 64-key tile spills on sm_90."""
+    return 64 if head_dim <= 64 else 32
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return _DEFAULT_SM_COUNT
@@ -207,7 +212,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=_TILE_N,
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=_tile_n(head_dim),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
