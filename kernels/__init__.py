@@ -1,20 +1,22 @@
 """Kernels for the engine's hot ops. `kernels.reference` holds the plain-PyTorch versions.
 
-The Triton kernels are exported when triton imports (it does without a GPU; the interpreter,
-TRITON_INTERPRET=1, runs them on CPU tensors). HAS_TRITON tells the engine whether they are here.
+The Triton kernels load on first use, so importing this package needs neither triton nor a GPU;
+where triton is missing, using one raises ImportError and the engine stays on `kernels.reference`.
+Without a GPU they run on CPU tensors under the interpreter (TRITON_INTERPRET=1 before triton imports).
 """
-__all__ = ["HAS_TRITON"]
+_MODULES = {
+    "paged_attention": "kernels.attention",
+    "write_kv_cache": "kernels.kv_cache",
+    "rms_norm": "kernels.norm",
+    "rotary_embedding": "kernels.rotary",
+    "silu_and_mul": "kernels.activation",
+}
+__all__ = list(_MODULES)
 
-try:
-    import triton  # noqa: F401
-except ImportError:  # e.g. macOS or Windows: the engine falls back to kernels.reference
-    HAS_TRITON = False
-else:
-    HAS_TRITON = True
-    from kernels.activation import silu_and_mul
-    from kernels.attention import paged_attention
-    from kernels.kv_cache import write_kv_cache
-    from kernels.norm import rms_norm
-    from kernels.rotary import rotary_embedding
 
-    __all__ += ["paged_attention", "write_kv_cache", "rms_norm", "rotary_embedding", "silu_and_mul"]
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    kernel = getattr(__import__(_MODULES[name], fromlist=[name]), name)
+    globals()[name] = kernel  # later lookups skip this hook
+    return kernel
