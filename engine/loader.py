@@ -5,6 +5,7 @@ names onto its fused parameters.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -153,7 +154,9 @@ def _load_tokenizer_for_dummy(path: str):
     return load_gguf_tokenizer(default_model_path())
 
 
+@functools.lru_cache(maxsize=4)
 def load_gguf_tokenizer(path: str):
+    """Building a tokenizer from GGUF metadata takes seconds; one per file per process is enough."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),

@@ -1,4 +1,12 @@
+"""Shared fixtures. Without a GPU, Triton kernels run under the interpreter: the variable must be set
+before anything imports triton, hence here, at the top of the run."""
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
