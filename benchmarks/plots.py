@@ -38,7 +38,7 @@ def plot_sweep(labels: Sequence[str], summaries: Sequence[dict], x_name: str, ou
         plt.close(fig)
         paths.append(path)
 
-    fig, ax = new_axes(f"Throughput vs {x_name}", "output tokens/s")
+    fig, ax = new_axes(f"Throughput vs {x_name}", "tokens/s")
     ax.plot(xs, [s["output_throughput"] for s in summaries], "o-", label="output tok/s")
     ax.plot(xs, [s["total_token_throughput"] for s in summaries], "s--", label="total tok/s")
     ax2 = ax.twinx()

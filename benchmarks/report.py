@@ -29,14 +29,14 @@ def git_commit(repo: Path = REPO_ROOT) -> str | None:
 def environment(model_info: dict | None = None, metadata: dict[str, str] | None = None) -> dict:
     """Where and when the benchmark ran, and what the server says about its model.
 
-    dtype and device come from the server's /v1/models entry when it reports them
-    (field names vary by server), else from `--metadata dtype=... device=...`.
+    dtype and device come from `--metadata dtype=... device=...`, else from the
+    server's /v1/models entry when it reports them (llama-server: meta.ftype).
     """
     info = model_info or {}
     meta = metadata or {}
     return {
         "model": info.get("id"),
-        "dtype": meta.get("dtype") or info.get("dtype"),
+        "dtype": meta.get("dtype") or info.get("dtype") or (info.get("meta") or {}).get("ftype"),
         "device": meta.get("device") or info.get("device"),
         "server_model_info": info,
         "metadata": meta,
