@@ -137,3 +137,13 @@ def test_chat_applies_the_template_and_stops_at_end_of_turn(llm):
     assert "Paris" in out.outputs[0].text
     assert out.outputs[0].finish_reason == "stop"
     assert "<|im_start|>user" in llm.get_tokenizer().decode(out.prompt_token_ids)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_dtypes_generate_the_same_first_tokens(dtype, batch_tokens):
+    half = LLM(dtype=dtype, kv_cache_memory=64 << 20)
+    assert half.engine.runner.kv_caches[0].dtype == getattr(torch, dtype)
+    outs = half.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=4, logprobs=1), use_tqdm=False)
+    for out, expected in zip(outs, batch_tokens):
+        assert out.outputs[0].token_ids[:2] == expected[:2]
+        assert all(torch.isfinite(torch.tensor(list(e.values()))).all() for e in out.outputs[0].logprobs)
