@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
-from tqdm.asyncio import tqdm
+from tqdm import tqdm
 
 from benchmarks.datasets import BenchRequest
 from benchmarks.metrics import RequestResult, inter_token_latencies

@@ -7,7 +7,9 @@
 
 Streams every request, records time to first token, inter-token gaps, time per
 output token and end-to-end latency, prints a report and saves it as JSON (with the
-configuration and environment) under --out. `main(argv)` is the CLI entry point.
+configuration and environment) under --out. Every sweep point (and the warm-up) gets
+its own prompts from one seeded stream, so no run hits a prefix cache warmed by another.
+`main(argv)` is the CLI entry point.
 """
 
 from __future__ import annotations
@@ -95,17 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_dataset(args: argparse.Namespace, count_tokens: TokenCounter | None) -> list[BenchRequest]:
+def load_dataset(args: argparse.Namespace, num: int, count_tokens: TokenCounter | None) -> list[BenchRequest]:
     if args.dataset == "random":
-        return datasets.random_requests(args.num_prompts, args.seed, args.random_input_len,
+        return datasets.random_requests(num, args.seed, args.random_input_len,
                                         args.random_output_len, args.random_range_ratio,
                                         args.random_prefix_len)
     if args.dataset == "sharegpt":
         if not args.dataset_path:
             raise SystemExit("--dataset sharegpt needs --dataset-path FILE.json")
-        return datasets.sharegpt_requests(args.dataset_path, args.num_prompts, args.seed, count_tokens,
+        return datasets.sharegpt_requests(args.dataset_path, num, args.seed, count_tokens,
                                           args.sharegpt_output_len)
-    return datasets.synthetic_requests(args.num_prompts, args.seed)
+    return datasets.synthetic_requests(num, args.seed)
 
 
 async def _resolve_model(args: argparse.Namespace) -> dict:
@@ -136,19 +138,6 @@ async def _run(args: argparse.Namespace) -> int:
     if args.tokenizer:
         from benchmarks.tokens import load_token_counter
         count_tokens = load_token_counter(args.tokenizer)
-    requests = load_dataset(args, count_tokens)
-    model_info = await _resolve_model(args)
-    target = Target(args.base_url, args.endpoint, model_info["id"], args.api_key, args.request_timeout)
-    env = environment(model_info, metadata)
-
-    if args.warmup > 0:
-        async with make_client(None, target.timeout_s) as client:
-            warm = [await send_request(client, target, requests[i % len(requests)], count_tokens)
-                    for i in range(args.warmup)]
-        if not any(r.success for r in warm):
-            print(f"warm-up failed: {warm[0].error}", file=sys.stderr)
-            return 1
-
     # (rate, concurrency) per run; a sweep varies one of them.
     if args.sweep:
         runs, x_name = [(r, args.max_concurrency) for r in args.sweep], "request rate (req/s)"
@@ -157,6 +146,21 @@ async def _run(args: argparse.Namespace) -> int:
     else:
         runs, x_name = [(args.request_rate, args.max_concurrency)], ""
 
+    # Each run, and the warm-up, gets its own prompts from one seeded stream: resending
+    # a prompt would hit the server's prefix cache and flatter its TTFT.
+    n = args.num_prompts
+    pool = load_dataset(args, n * len(runs) + args.warmup, count_tokens)
+    model_info = await _resolve_model(args)
+    target = Target(args.base_url, args.endpoint, model_info["id"], args.api_key, args.request_timeout)
+    env = environment(model_info, metadata)
+
+    if args.warmup > 0:
+        async with make_client(None, target.timeout_s) as client:
+            warm = [await send_request(client, target, req, count_tokens) for req in pool[n * len(runs):]]
+        if not any(r.success for r in warm):
+            print(f"warm-up failed: {warm[0].error}", file=sys.stderr)
+            return 1
+
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     model_slug = re.sub(r"[^\w.-]+", "_", Path(target.model).name)[:60]
     stem = f"{args.backend}-{model_slug}-{stamp}"
@@ -164,8 +168,9 @@ async def _run(args: argparse.Namespace) -> int:
     config["model"] = target.model
 
     labels, summaries = [], []
-    for rate, conc in runs:
+    for i, (rate, conc) in enumerate(runs):
         label = f"rate {rate:g}" + (f", concurrency {conc}" if conc else "")
+        requests = pool[i * n:(i + 1) * n]
         results, duration = await run_requests(target, requests, rate, conc, args.seed, count_tokens,
                                                progress=not args.no_progress, desc=label)
         summary = summarize(results, duration, slos)
@@ -191,8 +196,8 @@ async def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.num_prompts < 1:
-        raise SystemExit("--num-prompts must be >= 1")
+    if args.num_prompts < 1 or args.warmup < 0:
+        raise SystemExit("--num-prompts must be >= 1 and --warmup >= 0")
     return asyncio.run(_run(args))
 
 
