@@ -25,4 +25,4 @@ serve: install
 	$(VENV)/bin/tokenmill serve $(MODEL) --host $(HOST) --port $(PORT)
 
 bench: install
-	$(PY) benchmarks/throughput.py
+	bash benchmarks/make_bench.sh
