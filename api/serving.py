@@ -7,7 +7,9 @@ they build the prompt and how they shape a choice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -21,10 +23,11 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 from .errors import APIError, bad_request
-from .metrics import ServerMetrics, logger
+from .metrics import ServerMetrics
 from .protocol import ChatMessage, ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
 
 T = TypeVar("T")
+logger = logging.getLogger("tokenmill.api")
 
 # Request fields that map one to one onto SamplingParams.
 _SAMPLING_FIELDS = ("n", "stop", "seed", "temperature", "top_p", "frequency_penalty", "presence_penalty",
@@ -248,4 +251,8 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None
         watcher.cancel()
         if not task.done():
             task.cancel()
-    return task.result() if not task.cancelled() else None
+    if not task.done():  # the client left: let the cancellation (and so the abort) run to its end
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 
@@ -92,7 +93,8 @@ def test_disconnected_stream_is_aborted_and_frees_its_blocks(http, server):
     assert scrape(http, "request_success_total", 'finished_reason="abort"') == aborted + 1
 
 
-def test_client_timeout_on_a_non_streamed_request_aborts_it(http, server):
+def test_client_timeout_on_a_non_streamed_request_aborts_it(http, server, caplog):
+    caplog.set_level(logging.INFO, logger="tokenmill.api")
     body = {"prompt": "Write a long essay.", "max_tokens": 1500, "ignore_eos": True}
     with httpx.Client(base_url=server.url, timeout=1.5) as own:
         try:
@@ -101,3 +103,5 @@ def test_client_timeout_on_a_non_streamed_request_aborts_it(http, server):
         except httpx.TimeoutException:
             pass
     assert wait_until(lambda: scrape(http, "num_requests_running") == 0 and scrape(http, "kv_cache_usage_perc") == 0)
+    assert any(" aborted " in r.getMessage() for r in caplog.records)
+    assert not any("internal error" in r.getMessage() for r in caplog.records)  # a hang-up is not a bug
