@@ -1,0 +1,103 @@
+"""The `tokenmill` command: `tokenmill serve [MODEL]`, `tokenmill bench serve|throughput ...`."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from engine.config import EngineConfig
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
+               "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'256MiB', '1G', '268435456' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 268435456, 256MiB, 1GiB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="A small LLM serving engine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                                description="Serve a model over an OpenAI-compatible HTTP API.")
+    serve.add_argument("model", nargs="?", default=None,
+                       help="HF model directory or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights and KV-cache dtype; auto: bfloat16 on GPU, float32 on CPU")
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="context length in tokens (default: the model's, capped by the KV cache)")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default: %(default)s)")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                       help="most tokens in one forward pass; longer prompts are prefilled in chunks "
+                            "(default: %(default)s)")
+    serve.add_argument("--kv-cache-memory", type=parse_size, default=None,
+                       help="KV-cache size, e.g. 512MiB or 2GiB (default: a share of free memory)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients use and /v1/models lists (default: the model's own)")
+    serve.add_argument("--max-queue-len", type=int, default=None,
+                       help="most requests that may wait for a batch slot beyond --max-num-seqs; more "
+                            "get 503 (default: no limit)")
+    serve.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
+                       help="require `Authorization: Bearer KEY` on /v1, /tokenize and /detokenize "
+                            "(default: $TOKENMILL_API_KEY; none: open)")
+
+    bench = commands.add_parser("bench", help="run a benchmark from benchmarks/")
+    bench.add_argument("benchmark", choices=["serve", "throughput"],
+                       help="serve: benchmarks/serving.py against a running server; "
+                            "throughput: benchmarks/throughput.py offline")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")
+    return parser
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        kv_cache_memory=args.kv_cache_memory)
+
+
+_BENCHMARKS = {"serve": "serving.py", "throughput": "throughput.py"}
+
+
+def run_benchmark(name: str, argv: list[str]) -> int:
+    """Load benchmarks/<file> by path (benchmarks/ is not an installed package) and call its main(argv)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / _BENCHMARKS[name]
+    if not path.is_file():
+        print(f"tokenmill bench {name}: {path} not found; the benchmarks ship with a source checkout "
+              "of tokenmill (run from the repository)", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location(f"tokenmill_bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        return run_benchmark(args.benchmark, args.args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = engine_config(args)
+    except ValueError as e:
+        print(f"tokenmill serve: {e}", file=sys.stderr)
+        return 2
+    from .server import run_server  # the web stack loads only for `serve`
+
+    run_server(config, args.host, args.port, args.served_model_name, args.api_key, args.max_queue_len)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

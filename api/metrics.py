@@ -1,0 +1,118 @@
+"""Prometheus metrics with vLLM's names under the `tokenmill:` prefix, and the per-request log line.
+
+Gauges and counters are read from the engine's latest stats snapshot at scrape time (a custom
+collector), so the engine thread does no metrics work; latency histograms are observed as each
+request's outputs reach the server.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from engine.llm_engine import EngineStats
+from engine.outputs import RequestOutput
+
+logger = logging.getLogger("tokenmill.api")
+
+PREFIX = "tokenmill:"
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+class _EngineStatsCollector(Collector):
+    def __init__(self, get_stats: Callable[[], EngineStats], model_name: str):
+        self.get_stats = get_stats
+        self.model_name = model_name
+
+    def collect(self) -> Iterator:
+        s, labels = self.get_stats(), [self.model_name]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            g.add_metric(labels, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            c.add_metric(labels, value)
+            return c
+
+        yield gauge("num_requests_running", "Sequences in the running batch.", s.num_running)
+        yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting)
+        yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", s.kv_cache_usage)
+        yield counter("prompt_tokens_total", "Prompt tokens received.", s.prompt_tokens)
+        yield counter("generation_tokens_total", "Tokens generated.", s.generation_tokens)
+        yield counter("num_preemptions_total", "Sequences preempted for lack of KV blocks.", s.num_preemptions)
+        yield counter("prefix_cache_queries_total", "Blocks looked up in the prefix cache.", s.prefix_cache_queries)
+        yield counter("prefix_cache_hits_total", "Blocks found in the prefix cache.", s.prefix_cache_hits)
+        success = CounterMetricFamily(PREFIX + "request_success_total", "Finished sequences by reason.",
+                                      labels=["model_name", "finished_reason"])
+        for reason, count in sorted(s.finished_reasons.items()):
+            success.add_metric([self.model_name, reason], count)
+        yield success
+
+
+class ServerMetrics:
+    """One CollectorRegistry per app, so two apps in one process (as in the tests) do not collide."""
+
+    def __init__(self, get_stats: Callable[[], EngineStats], model_name: str):
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineStatsCollector(get_stats, model_name))
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(PREFIX + name, doc, ["model_name"], registry=self.registry,
+                             buckets=_LATENCY_BUCKETS).labels(model_name)
+
+        self.time_to_first_token = histogram("time_to_first_token_seconds", "Time to first token.")
+        self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between output tokens.")
+        self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.")
+
+    def tracker(self, request_id: str) -> RequestTracker:
+        return RequestTracker(self, request_id)
+
+
+class RequestTracker:
+    """Follows one engine request's outputs: latency histograms and the log line when it ends."""
+
+    def __init__(self, metrics: ServerMetrics, request_id: str):
+        self.metrics = metrics
+        self.request_id = request_id
+        self.last: RequestOutput | None = None
+        self._last_time = 0.0
+        self._last_len = 0
+
+    def update(self, out: RequestOutput) -> None:
+        now = time.time()
+        length = max(len(o.token_ids) for o in out.outputs)
+        if self.last is None:
+            self.metrics.time_to_first_token.observe(now - out.metrics.arrival_time)
+        elif length > self._last_len:  # several tokens may arrive together when the reader lags
+            gap = (now - self._last_time) / (length - self._last_len)
+            for _ in range(length - self._last_len):
+                self.metrics.inter_token_latency.observe(gap)
+        self.last, self._last_time, self._last_len = out, now, length
+        if out.finished:
+            self.metrics.e2e_request_latency.observe(now - out.metrics.arrival_time)
+            self._log("finished")
+
+    def close(self) -> None:
+        """The stream ended; if the request had not finished, the client left and it was aborted."""
+        if self.last is None or not self.last.finished:
+            self._log("aborted")
+
+    def _log(self, status: str) -> None:
+        out = self.last
+        if out is None:
+            logger.info("request %s %s before its first token", self.request_id, status)
+            return
+        m = out.metrics
+        ttft = (m.first_token_time - m.arrival_time) if m.first_token_time else float("nan")
+        reasons = ",".join(str(o.finish_reason) for o in out.outputs)
+        logger.info("request %s %s (%s): prompt %d tokens, output %d tokens, TTFT %.3fs, total %.3fs",
+                    self.request_id, status, reasons, len(out.prompt_token_ids),
+                    sum(len(o.token_ids) for o in out.outputs), ttft, time.time() - m.arrival_time)

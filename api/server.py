@@ -1,0 +1,149 @@
+"""The FastAPI app: routes, API-key auth, error handlers, /metrics, and the uvicorn runner."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.routing import APIRoute
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from engine.async_engine import AsyncLLMEngine
+from engine.config import EngineConfig
+
+from .errors import EXPECTED_ERRORS, APIError, bad_request, install_error_handlers, internal_error
+from .metrics import ServerMetrics
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
+                       TokenizeRequest)
+from .serving import OpenAIServing
+from .serving_chat import ServingChat
+from .serving_completions import ServingCompletions
+
+logger = logging.getLogger("tokenmill.api")
+
+# How long SIGTERM waits for in-flight requests before cancelling (and so aborting) them.
+GRACEFUL_SHUTDOWN_S = 30
+
+
+def _set_request_id(request: Request) -> None:
+    request.state.request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
+
+
+def _api_key_check(api_key: str | None):
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest takes the same time wherever the strings differ: no timing oracle.
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+    return check
+
+
+class _Route(APIRoute):
+    """Turns a bug in a handler into OpenAI's 500 object here, rather than in Starlette's outermost
+    middleware, which would re-raise it and make uvicorn drop the (keep-alive) connection."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except EXPECTED_ERRORS:
+                raise
+            except Exception:
+                return internal_error(request).response()
+
+        return route
+
+
+def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None,
+              owns_engine: bool = True) -> FastAPI:
+    """An app serving `engine`. With owns_engine, the app's lifespan starts and stops the engine."""
+    model_name = served_model_name or engine.engine.model_config.name
+    metrics = ServerMetrics(lambda: engine.stats, model_name)
+    serving = OpenAIServing(engine, model_name, metrics)
+    completions, chat = ServingCompletions(serving), ServingChat(serving)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        if owns_engine:
+            engine.shutdown()
+
+    app = FastAPI(title="tokenmill", lifespan=lifespan, dependencies=[Depends(_set_request_id)])
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine.is_running else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    api = APIRouter(dependencies=[Depends(_api_key_check(api_key))], route_class=_Route)
+    card = ModelCard(id=model_name, created=created, root=engine.engine.config.model,
+                     max_model_len=serving.max_model_len)
+
+    @api.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[card])
+
+    @api.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str) -> ModelCard:
+        serving.check_model(model)
+        return card
+
+    @api.post("/v1/completions", response_model=None)
+    async def create_completion(req: CompletionRequest, raw: Request):
+        return await completions.create(req, raw)
+
+    @api.post("/v1/chat/completions", response_model=None)
+    async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
+        return await chat.create(req, raw)
+
+    @api.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict:
+        serving.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give exactly one of prompt or messages")
+        tokens = (serving.chat_prompt(req.messages, req.add_generation_prompt) if req.messages is not None
+                  else serving.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": serving.max_model_len}
+
+    @api.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict:
+        serving.check_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < serving.vocab_size]
+        if bad:
+            raise bad_request(f"tokens: token id {bad[0]} is outside the vocabulary [0, {serving.vocab_size})",
+                              "tokens")
+        return {"prompt": serving.tokenizer.decode(req.tokens)}
+
+    app.include_router(api)
+    return app
+
+
+def run_server(config: EngineConfig, host: str, port: int, served_model_name: str | None = None,
+               api_key: str | None = None, max_queue_len: int | None = None) -> None:
+    """Load the model, then serve until SIGINT or SIGTERM (which drain in-flight requests first)."""
+    engine = AsyncLLMEngine.from_config(config, max_queue_len)
+    app = build_app(engine, served_model_name, api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    # uvicorn re-raises the signal that stopped it once its graceful shutdown is done; after a
+    # clean drain, SIGTERM should end the process with status 0, not die of the signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()

@@ -1,0 +1,258 @@
+"""Plumbing shared by /v1/completions and /v1/chat/completions.
+
+request fields -> SamplingParams -> engine requests (one per prompt) -> merged outputs -> either the
+final outputs or a stream of per-choice deltas -> SSE framing. The two endpoints only differ in how
+they build the prompt and how they shape a choice.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+
+from engine.async_engine import AsyncLLMEngine, EngineOverloadedError, EngineStoppedError, RequestStream
+from engine.llm_engine import PromptType
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+from .errors import APIError, bad_request
+from .metrics import ServerMetrics
+from .protocol import ChatMessage, ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
+
+T = TypeVar("T")
+logger = logging.getLogger("tokenmill.api")
+
+# Request fields that map one to one onto SamplingParams.
+_SAMPLING_FIELDS = ("n", "stop", "seed", "temperature", "top_p", "frequency_penalty", "presence_penalty",
+                    "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+                    "skip_special_tokens", "include_stop_str_in_output")
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice gained since the last chunk."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+class OpenAIServing:
+    """Holds the engine, the served model's name and the metrics; runs requests for both endpoints."""
+
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics):
+        self.engine = engine
+        self.model_name = model_name
+        self.metrics = metrics
+        self.tokenizer = engine.engine.get_tokenizer()
+        self.max_model_len = engine.engine.max_model_len
+        self.vocab_size = engine.engine.model_config.vocab_size
+        self.system_fingerprint = "fp_" + hashlib.sha256(f"tokenmill-{model_name}".encode()).hexdigest()[:10]
+
+    # ---- request -> engine -----------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
+                           param="model", code="model_not_found")
+
+    def sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        fields = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
+        if req.logit_bias:
+            try:
+                fields["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
+            except ValueError:
+                raise bad_request("logit_bias: keys must be token ids (integers as strings)", "logit_bias") from None
+        try:
+            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **fields)
+        except ValueError as e:  # the message starts with the field's name
+            raise bad_request(str(e), param=str(e).split(" ", 1)[0]) from None
+
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise bad_request("this model has no chat template; use /v1/completions", "messages")
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            return list(self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False))
+        except Exception as e:  # the template itself rejects the conversation (jinja2 raise_exception)
+            raise bad_request(f"messages: the chat template rejected them: {e}", "messages") from None
+
+    async def start(self, request_id: str, prompts: list[PromptType], params: SamplingParams,
+                    arrival_time: float, prompt_field: str) -> list[RequestStream]:
+        """Queue one engine request per prompt; all are accepted or none is."""
+        ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        results = await asyncio.gather(
+            *(self.engine.add_request(rid, p, params, arrival_time) for rid, p in zip(ids, prompts)),
+            return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            self.engine.abort([s.request_id for s in results if isinstance(s, RequestStream)])
+            if isinstance(errors[0], ValueError):
+                raise bad_request(str(errors[0]), param=prompt_field)
+            raise errors[0]
+        return results
+
+    # ---- engine -> outputs -----------------------------------------------------------------
+
+    async def _tracked(self, index: int, stream: RequestStream) -> AsyncIterator[tuple[int, RequestOutput]]:
+        tracker = self.metrics.tracker(stream.request_id)
+        try:
+            async for out in stream:
+                tracker.update(out)
+                yield index, out
+        finally:
+            tracker.close()
+
+    async def outputs(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, cumulative output) from all streams as they come; closing this aborts the rest."""
+        if len(streams) == 1:
+            async for item in self._tracked(0, streams[0]):
+                yield item
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, stream: RequestStream) -> None:
+            try:
+                async for item in self._tracked(i, stream):
+                    queue.put_nowait(item)
+            except Exception as e:
+                queue.put_nowait(e)
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(streams)
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                remaining -= item[1].finished
+                yield item
+        finally:
+            for task in tasks:  # cancelling a pump aborts its request
+                task.cancel()
+
+    async def final_outputs(self, streams: list[RequestStream]) -> list[RequestOutput]:
+        finals: list[RequestOutput] = [None] * len(streams)  # type: ignore[list-item]
+        async for i, out in self.outputs(streams):
+            finals[i] = out
+        return finals
+
+    async def deltas(self, streams: list[RequestStream], n: int, with_logprobs: bool,
+                     usage: UsageInfo) -> AsyncIterator[ChoiceDelta]:
+        """Per-choice increments; choice index = prompt index * n + sample index. Keeps `usage` current."""
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        num_tokens: dict[int, int] = {}
+        done: set[int] = set()
+        seen_prompts: set[int] = set()
+        async for prompt_index, out in self.outputs(streams):
+            if prompt_index not in seen_prompts:
+                seen_prompts.add(prompt_index)
+                usage.prompt_tokens += len(out.prompt_token_ids)
+            for o in out.outputs:
+                index = prompt_index * n + o.index
+                num_tokens[index] = len(o.token_ids)
+                if index in done:
+                    continue
+                start_text, start_tok = sent_text.get(index, 0), sent_tokens.get(index, 0)
+                text, token_ids = o.text[start_text:], o.token_ids[start_tok:]
+                # Tokens whose text is still held back (a partial character or stop string) wait for
+                # the next chunk, unless their logprobs must be reported with them.
+                if not (text or o.finish_reason or (with_logprobs and token_ids)):
+                    continue
+                sent_text[index], sent_tokens[index] = len(o.text), len(o.token_ids)
+                if o.finish_reason:
+                    done.add(index)
+                usage.completion_tokens = sum(num_tokens.values())
+                usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+                yield ChoiceDelta(index, text, token_ids, o.logprobs[start_tok:] if o.logprobs else None,
+                                  o.finish_reason, o.stop_reason)
+
+    # ---- shaping ---------------------------------------------------------------------------
+
+    def token_logprobs(self, token_ids: list[int], entries: list[dict[int, float]], top_n: int) -> list[TokenLogprob]:
+        """The chosen token's logprob and the top_n alternatives, with tokens as text."""
+        result = []
+        for token, entry in zip(token_ids, entries):
+            top = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
+            result.append(TokenLogprob(self.decode_token(token), entry[token],
+                                       [(self.decode_token(t), lp) for t, lp in top]))
+        return result
+
+    def decode_token(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    @staticmethod
+    def usage(finals: list[RequestOutput]) -> UsageInfo:
+        prompt = sum(len(f.prompt_token_ids) for f in finals)
+        completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def check_stream_options(stream: bool, options: object | None) -> None:
+    if options is not None and not stream:
+        raise bad_request("stream_options: only allowed when stream is true", "stream_options")
+
+
+def stream_usage_flags(req: SamplingFields) -> tuple[bool, bool]:
+    """(final usage chunk, usage on every chunk) from stream_options."""
+    opts = req.stream_options
+    return (bool(opts and opts.include_usage), bool(opts and opts.include_usage and opts.continuous_usage_stats))
+
+
+async def sse(chunks: AsyncIterator[BaseModel], request_id: str) -> AsyncIterator[str]:
+    """OpenAI's framing: one `data: {json}` event per chunk, an error event if one occurs, then [DONE]."""
+    try:
+        async for chunk in chunks:
+            yield f"data: {chunk.model_dump_json()}\n\n"
+    except (EngineOverloadedError, EngineStoppedError) as e:
+        yield _error_event(ErrorInfo(message=str(e), type="server_error"))
+    except Exception:  # the status line is already sent: report the bug in the stream
+        logger.exception("internal error in request %s", request_id)
+        yield _error_event(ErrorInfo(message=f"internal server error (request id {request_id})",
+                                     type="server_error"))
+    yield "data: [DONE]\n\n"
+
+
+def _error_event(info: ErrorInfo) -> str:
+    return f"data: {ErrorResponse(error=info).model_dump_json()}\n\n"
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """Run `work`; if the client hangs up first, cancel it (which aborts its engine requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done():  # the client left: let the cancellation (and so the abort) run to its end
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()

@@ -1,0 +1,92 @@
+"""POST /v1/chat/completions: messages -> the model's chat template -> an assistant message."""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from engine.async_engine import RequestStream
+
+from .errors import bad_request
+from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+                       ChatCompletionResponse, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob,
+                       DeltaMessage, TopLogprob, UsageInfo)
+from .serving import OpenAIServing, cancel_on_disconnect, check_stream_options, sse, stream_usage_flags
+
+
+class ServingChat:
+    """The chat endpoint over the shared serving plumbing."""
+
+    def __init__(self, serving: OpenAIServing):
+        self.serving = serving
+
+    async def create(self, req: ChatCompletionRequest, raw: Request) -> Response | ChatCompletionResponse:
+        s, arrival = self.serving, time.time()
+        s.check_model(req.model)
+        _reject_unsupported(req)
+        check_stream_options(req.stream, req.stream_options)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = s.sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        prompt = s.chat_prompt(req.messages)
+        request_id = raw.state.request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await s.start(request_id, [prompt], params, arrival, "messages")
+        if req.stream:
+            return StreamingResponse(sse(self._chunks(req, request_id, streams), request_id),
+                                     media_type="text/event-stream")
+        finals = await cancel_on_disconnect(raw, s.final_outputs(streams))
+        if finals is None:
+            return Response(status_code=499)  # the client left; nobody reads this
+        choices = [ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
+                              logprobs=self._logprobs(req, o.token_ids, o.logprobs),
+                              finish_reason=o.finish_reason, stop_reason=o.stop_reason)
+                   for o in finals[0].outputs]
+        return ChatCompletionResponse(id=request_id, model=s.model_name, system_fingerprint=s.system_fingerprint,
+                                      choices=choices, usage=s.usage(finals))
+
+    async def _chunks(self, req: ChatCompletionRequest, request_id: str,
+                      streams: list[RequestStream]) -> AsyncIterator[ChatCompletionChunk]:
+        s, created, usage = self.serving, int(time.time()), UsageInfo()
+        include_usage, continuous = stream_usage_flags(req)
+
+        def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=request_id, created=created, model=s.model_name,
+                                       system_fingerprint=s.system_fingerprint, choices=choices, usage=usage)
+
+        # As OpenAI does: each choice opens with a chunk that carries only the role.
+        for i in range(req.n):
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
+                        usage.model_copy() if continuous else None)
+        async for d in s.deltas(streams, req.n, req.logprobs, usage):
+            choice = ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text),
+                                     logprobs=self._logprobs(req, d.token_ids, d.logprobs),
+                                     finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+            yield chunk([choice], usage.model_copy() if continuous else None)
+        if include_usage:
+            yield chunk([], usage)
+
+    def _logprobs(self, req: ChatCompletionRequest, token_ids: list[int],
+                  entries: list[dict[int, float]] | None) -> ChatLogprobs | None:
+        if not req.logprobs or entries is None:
+            return None
+        return ChatLogprobs(content=[
+            ChatTokenLogprob(token=lp.token, logprob=lp.logprob, bytes=list(lp.token.encode()),
+                             top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode())) for t, v in lp.top])
+            for lp in self.serving.token_logprobs(token_ids, entries, req.top_logprobs or 0)])
+
+
+def _reject_unsupported(req: ChatCompletionRequest) -> None:
+    """Fields whose meaning we cannot honour yet: a clear 400 rather than a silently different answer."""
+    if req.tools:
+        raise bad_request("tools are not supported yet", "tools")
+    if req.tool_choice not in (None, "none"):
+        raise bad_request("tool_choice is not supported yet (only \"none\")", "tool_choice")
+    if req.functions or req.function_call is not None:
+        raise bad_request("functions and function_call are not supported", "functions")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise bad_request(f"response_format type {req.response_format.type!r} is not supported yet "
+                          "(only \"text\")", "response_format")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")

@@ -1,0 +1,117 @@
+"""`tokenmill serve` as a user runs it: a subprocess configured by flags and environment.
+
+The server here batches one sequence at a time and lets one more wait, so the queue limit is easy
+to reach. The SIGTERM test stops it, so it comes last among the tests that use it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from api_helpers import free_port, wait_until
+
+from api.cli import build_parser, main, parse_size
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "env-key"
+
+
+@pytest.fixture(scope="module")
+def cli_server(tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("cli") / "server.log", "w+")  # a file: a full pipe would block the server
+    env = {**os.environ, "TOKENMILL_API_KEY": KEY, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--kv-cache-memory", "64MiB", "--max-model-len", "512", "--max-num-seqs", "1", "--max-queue-len", "1",
+         "--served-model-name", "tiny"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+
+    def up() -> bool:
+        try:
+            return client.get("/health").status_code == 200
+        except httpx.TransportError:
+            return proc.poll() is not None
+    assert wait_until(up, timeout=180, interval=0.3) and proc.poll() is None, server_log(log)
+    yield proc, client, log
+    client.close()
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    log.close()
+
+
+def server_log(log) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()
+
+
+def test_flags_and_env_configure_the_server(cli_server):
+    _, client, _ = cli_server
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    assert client.post("/tokenize", json={"prompt": "x"}).json()["max_model_len"] == 512
+    assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_over_the_queue_limit_is_a_503(cli_server):
+    _, client, _ = cli_server
+    body = {"prompt": "Count:", "max_tokens": 40, "ignore_eos": True}
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(client.post("/v1/completions", json=body)))
+               for _ in range(2)]
+    for t in threads:  # one runs, one waits: the queue is full
+        t.start()
+    assert wait_until(lambda: "tokenmill:num_requests_waiting{model_name=\"tiny\"} 1.0" in client.get("/metrics").text)
+    third = client.post("/v1/completions", json=body)
+    assert third.status_code == 503 and third.json()["error"]["code"] == "overloaded"
+    assert "--max-queue-len 1" in third.json()["error"]["message"]
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in results] == [200, 200]
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(cli_server):
+    proc, client, log = cli_server
+    result = {}
+
+    def stream():
+        with client.stream("POST", "/v1/completions",
+                           json={"prompt": "Count:", "max_tokens": 30, "ignore_eos": True, "stream": True}) as r:
+            result["events"] = [line for line in r.iter_lines() if line]
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    assert wait_until(lambda: "num_requests_running{model_name=\"tiny\"} 1.0" in client.get("/metrics").text)
+    proc.send_signal(signal.SIGTERM)
+    worker.join(120)
+    assert proc.wait(60) == 0
+    events = result["events"]
+    assert events[-1] == "data: [DONE]" and '"finish_reason":"length"' in events[-2]
+    assert "request cmpl-" in server_log(log)  # the per-request log line
+
+
+def test_serve_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for flag in ["--host", "--port", "--dtype", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
+                 "--kv-cache-memory", "--served-model-name", "--max-queue-len", "--api-key"]:
+        assert flag in out
+
+
+def test_sizes_and_bench_delegation(capsys, tmp_path, monkeypatch):
+    assert parse_size("256MiB") == 256 << 20 and parse_size("1G") == 1 << 30 and parse_size("4096") == 4096
+    args = build_parser().parse_args(["bench", "serve", "--num-prompts", "3"])
+    assert (args.benchmark, args.args) == ("serve", ["--num-prompts", "3"])
+    if not (REPO / "benchmarks" / "throughput.py").exists():
+        assert main(["bench", "throughput"]) == 2
+        assert "benchmarks/throughput.py not found" in capsys.readouterr().err
+
