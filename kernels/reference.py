@@ -63,18 +63,34 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def _decode_attention(q, k_cache, v_cache, block_tables, starts, lens, decodes, scale, out) -> None:
-    """All single-query sequences at once: gather their blocks padded to the longest, mask the rest."""
+    """Single-query sequences in a few batched calls: each call gathers its sequences' blocks padded to
+    its longest, so sequences of similar length are grouped to keep the padding (copied, then masked
+    away) small."""
     block_size = k_cache.shape[1]
-    rows = torch.tensor(decodes, device=q.device)
-    seq_lens = torch.tensor([lens[i] for i in decodes], device=q.device)
-    max_len = int(seq_lens.max())
+    decodes = sorted(decodes, key=lambda i: lens[i])
+    group: list[int] = []
+    for i in decodes:
+        # Start a new group when padding the group's shortest sequence to this one would waste half.
+        if group and lens[i] > 2 * lens[group[0]] + block_size:
+            _decode_group(q, k_cache, v_cache, block_tables, starts, lens, group, scale, out, block_size)
+            group = []
+        group.append(i)
+    _decode_group(q, k_cache, v_cache, block_tables, starts, lens, group, scale, out, block_size)
+
+
+def _decode_group(q, k_cache, v_cache, block_tables, starts, lens, group, scale, out, block_size) -> None:
+    rows = torch.tensor(group, device=q.device)
+    group_lens = [lens[i] for i in group]
+    max_len = max(group_lens)
     tables = block_tables[rows, : -(-max_len // block_size)].long()
-    k = k_cache[tables].flatten(1, 2).transpose(1, 2).to(q.dtype)  # [B, kv_heads, L, D]
-    v = v_cache[tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
-    mask = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None]
-    q_rows = torch.tensor([starts[i] for i in decodes], device=q.device)
-    qd = q[q_rows].unsqueeze(2)  # [B, heads, 1, D]
-    o = F.scaled_dot_product_attention(qd, k, v, attn_mask=mask[:, None, None, :], scale=scale,
+    k = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(q.dtype)  # [B, kv_heads, L, D]
+    v = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(q.dtype)
+    mask = None
+    if min(group_lens) != max_len:
+        seq_lens = torch.tensor(group_lens, device=q.device)
+        mask = (torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None])[:, None, None, :]
+    q_rows = torch.tensor([starts[i] for i in group], device=q.device)
+    o = F.scaled_dot_product_attention(q[q_rows].unsqueeze(2), k, v, attn_mask=mask, scale=scale,
                                        enable_gqa=True)
     out[q_rows] = o.squeeze(2)
 
