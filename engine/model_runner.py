@@ -11,6 +11,7 @@ import logging
 import torch
 
 from .config import EngineConfig, ModelConfig
+from .cuda_graph import DecodeGraphs
 from .loader import init_dummy_weights
 from .models.layers import AttentionMetadata, kernel_ops
 from .models.llama import LlamaForCausalLM
@@ -53,6 +54,10 @@ class ModelRunner:
         # Zeroed, not empty: attention reads whole blocks, and 0 * NaN from stale memory would be NaN.
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(c.num_hidden_layers)]
+        self.decode_graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs,
+                                              -(-max_model_len // self.block_size), self.device)
 
     def _bytes_per_block(self) -> int:
         c = self.model_config
@@ -123,13 +128,19 @@ class ModelRunner:
         block_tables = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in sched.seqs]
 
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(block_tables, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev))
-        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
-                            torch.tensor(positions, dtype=torch.long, device=dev), self.kv_caches, meta)
+
+        def as_tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        ids, pos, slot_mapping = (as_tensor(input_ids, torch.long), as_tensor(positions, torch.long),
+                                  as_tensor(slots, torch.int64))
+        tables, lens = as_tensor(block_tables, torch.int32), as_tensor(seq_lens, torch.int32)
+        graphs = self.decode_graphs
+        if graphs is not None and len(sample_seqs) == len(input_ids) <= graphs.max_batch_size:
+            # Every sequence runs one token and samples it: a decode step, replayed from a graph.
+            return graphs.run(ids, pos, slot_mapping, tables, lens).float(), sample_seqs
+        meta = AttentionMetadata(slot_mapping, tables, lens, as_tensor(query_start_loc, torch.int32))
+        hidden = self.model(ids, pos, self.kv_caches, meta)
         if not sample_seqs:
             return None, []
         # Only the sampled positions need the LM head: a sixth of the work on prompt-heavy loads.
