@@ -24,6 +24,7 @@ CASES = [
     ("/v1/completions", {"prompt": "hi", "min_tokens": 9, "max_tokens": 2}, 400, "min_tokens", "<= max_tokens"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs", "20"),
     ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop", "non-empty"),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**64}, 400, "seed", "2**63"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias", "token ids"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "prompt", "vocabulary"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 500}}, 400, "logit_bias", "[-100, 100]"),
