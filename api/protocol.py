@@ -1,18 +1,30 @@
 """Pydantic models of the OpenAI API (the parts tokenmill serves), plus vLLM's extra sampling fields.
 
-Requests forbid unknown fields, as OpenAI does, so a misspelled or unsupported argument is a 400
-rather than silently ignored. Type errors are caught here; value rules live in SamplingParams.
+Requests ignore unknown fields with a warning in the log, as vLLM does, so clients that send newer or
+provider-specific fields (store, metadata, ...) keep working; fields whose meaning tokenmill cannot
+honour are declared and rejected by the serving code. Type errors are caught here; value rules live
+in SamplingParams.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, field_validator, model_validator
+
+logger = logging.getLogger("tokenmill.api")
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _warn_unknown_fields(cls, data: Any, handler: ModelWrapValidatorHandler) -> Any:
+        if isinstance(data, dict) and (unknown := sorted(set(data) - set(cls.model_fields))):
+            logger.warning("%s: ignored unknown fields %s", cls.__name__, ", ".join(map(str, unknown)))
+        return handler(data)
 
 
 # ---- errors ------------------------------------------------------------------------------------
