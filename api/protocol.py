@@ -17,7 +17,8 @@ logger = logging.getLogger("tokenmill.api")
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # JSON has no NaN or Infinity, but Python's parser accepts them; no field means anything by them.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     @model_validator(mode="wrap")
     @classmethod

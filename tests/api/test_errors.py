@@ -38,6 +38,7 @@ CASES = [
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of", "equal to n"),
     ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo", "prompt's logprobs"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
+    ("/v1/completions", '{"prompt": "hi", "temperature": Infinity}', 400, "temperature", "finite number"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "does not exist"),
     ("/v1/completions", {"max_tokens": 2}, 400, "prompt", "required"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
