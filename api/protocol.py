@@ -100,9 +100,16 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatMessage(OpenAIModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    # "developer" is OpenAI's newer name for "system"; it reaches the chat template as "system".
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | None = None  # OpenAI allows null on an assistant message (one that called tools)
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content is required in a {self.role} message")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod

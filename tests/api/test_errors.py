@@ -43,6 +43,7 @@ CASES = [
     ("/v1/completions", {"max_tokens": 2}, 400, "prompt", "required"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", "'user'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages[0]", "content is required"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content", "text parts"),
     ("/v1/chat/completions", {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
