@@ -58,6 +58,7 @@ def test_chat_logprobs_and_top_logprobs(client, model_name):
     plain = chat(client, model_name, logprobs=True, max_tokens=2).choices[0].logprobs.content
     assert all(t.top_logprobs == [] for t in plain)
     assert chat(client, model_name, max_tokens=2).choices[0].logprobs is None
+    assert chat(client, model_name, max_tokens=2, logprobs=False, top_logprobs=0).choices[0].logprobs is None
 
 
 def test_n_stop_seed_and_response_format_text(client, model_name):
