@@ -59,9 +59,6 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return bad_request("the request body is missing: send a JSON object")
     if kind == "model_attributes_type" and path == "":
         return bad_request("the request body must be a JSON object (with Content-Type: application/json)")
-    if kind == "extra_forbidden":
-        return bad_request(f"{path}: unrecognized request argument (not an OpenAI field tokenmill serves)",
-                           param=path)
     message = err.get("msg", "invalid value").removeprefix("Value error, ")
     return bad_request(f"{path}: {message}" if path else message, param=path or None)
 

@@ -1,18 +1,31 @@
 """Pydantic models of the OpenAI API (the parts tokenmill serves), plus vLLM's extra sampling fields.
 
-Requests forbid unknown fields, as OpenAI does, so a misspelled or unsupported argument is a 400
-rather than silently ignored. Type errors are caught here; value rules live in SamplingParams.
+Requests ignore unknown fields with a warning in the log, as vLLM does, so clients that send newer or
+provider-specific fields (store, metadata, ...) keep working; fields whose meaning tokenmill cannot
+honour are declared and rejected by the serving code. Type errors are caught here; value rules live
+in SamplingParams.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, field_validator, model_validator
+
+logger = logging.getLogger("tokenmill.api")
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # JSON has no NaN or Infinity, but Python's parser accepts them; no field means anything by them.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _warn_unknown_fields(cls, data: Any, handler: ModelWrapValidatorHandler) -> Any:
+        if isinstance(data, dict) and (unknown := sorted(set(data) - set(cls.model_fields))):
+            logger.warning("%s: ignored unknown fields %s", cls.__name__, ", ".join(map(str, unknown)))
+        return handler(data)
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -87,9 +100,16 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatMessage(OpenAIModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    # "developer" is OpenAI's newer name for "system"; it reaches the chat template as "system".
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | None = None  # OpenAI allows null on an assistant message (one that called tools)
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content is required in a {self.role} message")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod

@@ -88,7 +88,8 @@ class OpenAIServing:
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise bad_request("this model has no chat template; use /v1/completions", "messages")
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.content or ""}
+                        for m in messages]
         try:
             return list(self.tokenizer.apply_chat_template(
                 conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False))

@@ -88,5 +88,5 @@ def _reject_unsupported(req: ChatCompletionRequest) -> None:
     if req.response_format is not None and req.response_format.type != "text":
         raise bad_request(f"response_format type {req.response_format.type!r} is not supported yet "
                           "(only \"text\")", "response_format")
-    if req.top_logprobs is not None and not req.logprobs:
+    if req.top_logprobs and not req.logprobs:  # 0 asks for nothing: vLLM accepts it without logprobs
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")

@@ -79,7 +79,8 @@ class ServingCompletions:
         for lp in self.serving.token_logprobs(token_ids, entries, req.logprobs):
             result.tokens.append(lp.token)
             result.token_logprobs.append(lp.logprob)
-            result.top_logprobs.append(dict(lp.top))
+            # As OpenAI documents: the sampled token is always there, so there may be logprobs + 1.
+            result.top_logprobs.append({**dict(lp.top), lp.token: lp.logprob})
             result.text_offset.append(offset)
             offset += len(lp.token)
         return result

@@ -65,7 +65,9 @@ class SamplingParams:
               "min_tokens", "must be <= max_tokens")
         check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
               "logprobs", "must be an integer in [0, 20]")
-        check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
+        # torch generators take 64-bit seeds; vLLM bounds seed to int64 too.
+        check(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**63),
+              "seed", "must be an integer in [-2**63, 2**63)")
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
               "stop_token_ids", "must be non-negative integers")

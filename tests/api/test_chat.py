@@ -32,6 +32,17 @@ def test_content_parts_equal_a_string(client, model_name):
     assert resp.choices[0].message.content == chat(client, model_name).choices[0].message.content
 
 
+def test_developer_role_is_system_and_assistant_content_may_be_null(client, model_name, http):
+    as_system = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"},
+                 {"role": "assistant", "content": ""}, {"role": "user", "content": "Name a fruit."}]
+    as_openai = [{"role": "developer", "content": "Be terse."}, {"role": "user", "content": "hi"},
+                 {"role": "assistant", "content": None}, {"role": "user", "content": "Name a fruit."}]
+    tokens = [http.post("/tokenize", json={"messages": m}).json()["tokens"] for m in (as_system, as_openai)]
+    assert tokens[0] == tokens[1]
+    resp = client.chat.completions.create(model=model_name, messages=as_openai, temperature=0, max_tokens=2)
+    assert resp.usage.prompt_tokens == len(tokens[0])
+
+
 def test_max_completion_tokens_wins_over_max_tokens(client, model_name):
     resp = chat(client, model_name, max_tokens=8, max_completion_tokens=2)
     assert resp.usage.completion_tokens == 2 and resp.choices[0].finish_reason == "length"
@@ -47,6 +58,7 @@ def test_chat_logprobs_and_top_logprobs(client, model_name):
     plain = chat(client, model_name, logprobs=True, max_tokens=2).choices[0].logprobs.content
     assert all(t.top_logprobs == [] for t in plain)
     assert chat(client, model_name, max_tokens=2).choices[0].logprobs is None
+    assert chat(client, model_name, max_tokens=2, logprobs=False, top_logprobs=0).choices[0].logprobs is None
 
 
 def test_n_stop_seed_and_response_format_text(client, model_name):

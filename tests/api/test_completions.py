@@ -87,6 +87,15 @@ def test_logprobs_report_the_chosen_token_and_top_n(client, model_name, engine):
     assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
 
 
+def test_top_logprobs_always_hold_the_sampled_token(client, model_name):
+    lp = greedy(client, model_name, prompt=PROMPT, logprobs=0).choices[0].logprobs
+    assert lp.top_logprobs == [{t: v} for t, v in zip(lp.tokens, lp.token_logprobs)]
+    lp = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=8, logprobs=1, temperature=2.0,
+                                   seed=7).choices[0].logprobs
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == logprob and 1 <= len(top) <= 2
+
+
 def test_logit_bias_forces_a_token(client, model_name, http):
     token = http.post("/tokenize", json={"prompt": " banana", "add_special_tokens": False}).json()["tokens"]
     assert len(token) == 1

@@ -24,6 +24,7 @@ CASES = [
     ("/v1/completions", {"prompt": "hi", "min_tokens": 9, "max_tokens": 2}, 400, "min_tokens", "<= max_tokens"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs", "20"),
     ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop", "non-empty"),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**64}, 400, "seed", "2**63"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias", "token ids"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "prompt", "vocabulary"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 500}}, 400, "logit_bias", "[-100, 100]"),
@@ -37,11 +38,12 @@ CASES = [
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of", "equal to n"),
     ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo", "prompt's logprobs"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
-    ("/v1/completions", {"prompt": "hi", "frobnicate": 1}, 400, "frobnicate", "unrecognized"),
+    ("/v1/completions", '{"prompt": "hi", "temperature": Infinity}', 400, "temperature", "finite number"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "does not exist"),
     ("/v1/completions", {"max_tokens": 2}, 400, "prompt", "required"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", "'user'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages[0]", "content is required"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content", "text parts"),
     ("/v1/chat/completions", {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
@@ -71,6 +73,15 @@ def test_bad_input_gets_the_openai_error_object(http, path, body, status, param,
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert words in error["message"]
+
+
+def test_unknown_fields_are_ignored_with_a_warning_as_vllm_does(client, model_name, caplog):
+    with caplog.at_level("WARNING", logger="tokenmill.api"):
+        resp = client.chat.completions.create(
+            model=model_name, messages=[{"role": "user", "content": "hi", "frobnicate": 1}], max_tokens=2,
+            store=False, metadata={"k": "v"}, extra_body={"frobnicate": 2})
+    assert resp.usage.completion_tokens == 2
+    assert "frobnicate, metadata, store" in caplog.text and "ChatMessage: ignored unknown fields frobnicate" in caplog.text
 
 
 def test_sdk_raises_typed_errors_with_the_message(client, model_name):
