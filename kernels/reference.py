@@ -56,9 +56,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         mask = None
         if q_len != seq_len:
             mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=q.device).tril(seq_len - q_len)
-        o = F.scaled_dot_product_attention(qi, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+        # 4-D inputs: torch's CPU flash kernel takes those; 3-D ones fall back to the slower math path.
+        o = F.scaled_dot_product_attention(qi[None], k[None].to(q.dtype), v[None].to(q.dtype), attn_mask=mask,
                                            is_causal=mask is None, scale=scale, enable_gqa=True)
-        out[a:a + q_len] = o.transpose(0, 1)
+        out[a:a + q_len] = o[0].transpose(0, 1)
     return out
 
 
