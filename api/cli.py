@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: %(default)s)")
     serve.add_argument("--kv-cache-memory", type=parse_size, default=None,
                        help="KV-cache size, e.g. 512MiB or 2GiB (default: a share of free memory)")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="share of GPU memory for weights, activations and KV cache (default: %(default)s)")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
+    serve.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                       help="turn off automatic prefix caching")
+    serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    serve.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default: %(default)s)")
     serve.add_argument("--served-model-name", default=None,
                        help="the model name clients use and /v1/models lists (default: the model's own)")
     serve.add_argument("--max-queue-len", type=int, default=None,
@@ -64,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        kv_cache_memory=args.kv_cache_memory)
+                        kv_cache_memory=args.kv_cache_memory,
+                        gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
+                        enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+                        seed=args.seed)
 
 
 _BENCHMARKS = {"serve": "serving.py", "throughput": "throughput.py"}

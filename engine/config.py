@@ -121,6 +121,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1; got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1; got {self.max_num_batched_tokens}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
         if self.load_format not in ("auto", "gguf", "safetensors", "dummy"):
             raise ValueError(f"load_format must be auto, gguf, safetensors or dummy; got {self.load_format!r}")
         if self.model and self.load_format != "dummy" and not os.path.exists(self.model):

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from api_helpers import free_port, wait_until
 
-from api.cli import build_parser, main, parse_size
+from api.cli import build_parser, engine_config, main, parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "env-key"
@@ -115,3 +115,12 @@ def test_sizes_and_bench_delegation(capsys, tmp_path, monkeypatch):
         assert main(["bench", "throughput"]) == 2
         assert "benchmarks/throughput.py not found" in capsys.readouterr().err
 
+
+
+def test_engine_flags_map_onto_the_engine_config(tmp_path):
+    args = build_parser().parse_args(["serve", str(tmp_path), "--block-size", "32", "--no-enable-prefix-caching",
+                                      "--enforce-eager", "--seed", "7", "--gpu-memory-utilization", "0.5"])
+    config = engine_config(args)
+    assert (config.block_size, config.enable_prefix_caching, config.enforce_eager, config.seed,
+            config.gpu_memory_utilization) == (32, False, True, 7, 0.5)
+    assert engine_config(build_parser().parse_args(["serve"])).enable_prefix_caching
