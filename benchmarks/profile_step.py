@@ -1,0 +1,89 @@
+"""Where an engine run's time goes: linear layers, attention, the rest of the forward pass, sampling,
+and the engine's own Python (scheduling, input building, detokenizing).
+
+    python benchmarks/profile_step.py --dtype float32 --num-requests 32
+
+Runs the seeded mixed workload of throughput.py through LLM.generate under torch.profiler. Attention
+(KV write + paged attention), the forward pass and the sampler are timed inclusively by wrapping them
+in record_function; linear layers are the self time of aten::addmm and aten::mm. Shares are of the
+whole run's wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.datasets import synthetic_requests  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+from kernels import reference  # noqa: E402
+
+MATMUL_OPS = ("aten::addmm", "aten::mm")
+
+
+def label(obj: object, attr: str, name: str) -> None:
+    """Wrap obj.attr in record_function(name), so the profile times it inclusively."""
+    fn = getattr(obj, attr)
+
+    def wrapped(*args, **kwargs):
+        with record_function(name):
+            return fn(*args, **kwargs)
+    setattr(obj, attr, wrapped)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    llm = LLM(args.model, dtype=args.dtype, load_format=args.load_format, max_num_seqs=args.max_num_seqs)
+    tok = llm.get_tokenizer()
+    requests = synthetic_requests(args.num_requests, seed=args.seed)
+    prompts = [{"prompt_token_ids": tok.encode(r.prompt)} for r in requests]
+    params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
+    llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up
+    llm.engine.block_manager.reset_prefix_cache()
+
+    engine = llm.engine
+    label(engine.runner, "execute", "forward")
+    label(engine, "sampler", "sampling")
+    label(reference, "paged_attention", "attention")  # the layers look the op up on every call
+    label(reference, "write_kv_cache", "attention")
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+
+    times = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
+    matmul = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6
+    forward, attention, sampling = times.get("forward", 0.0), times.get("attention", 0.0), times.get("sampling", 0.0)
+    shares = {
+        "linear layers (matmul)": matmul,
+        "attention (KV write + paged attention)": attention,
+        "rest of the forward (norms, rotary, SiLU, embedding, inputs)": forward - matmul - attention,
+        "sampling": sampling,
+        "engine Python outside forward and sampling": wall - forward - sampling,
+    }
+    print(f"{args.num_requests} requests, {generated} output tokens in {wall:.1f} s "
+          f"({generated / wall:.1f} output tok/s), {engine.runner.dtype}, {torch.get_num_threads()} threads")
+    for name, t in shares.items():
+        print(f"  {name:<62} {t:7.2f} s  {100 * t / wall:5.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
