@@ -84,16 +84,18 @@ def _decode_group(q, k_cache, v_cache, block_tables, starts, lens, group, scale,
     group_lens = [lens[i] for i in group]
     max_len = max(group_lens)
     tables = block_tables[rows, : -(-max_len // block_size)].long()
-    k = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(q.dtype)  # [B, kv_heads, L, D]
-    v = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(q.dtype)
+    # In float32 whatever the dtype: torch's CPU SDPA is several times slower in bfloat16 at one query
+    # per sequence than the upcast costs. [B, kv_heads, L, D]
+    k = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).float()
+    v = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).float()
     mask = None
     if min(group_lens) != max_len:
         seq_lens = torch.tensor(group_lens, device=q.device)
         mask = (torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None])[:, None, None, :]
     q_rows = torch.tensor([starts[i] for i in group], device=q.device)
-    o = F.scaled_dot_product_attention(q[q_rows].unsqueeze(2), k, v, attn_mask=mask, scale=scale,
+    o = F.scaled_dot_product_attention(q[q_rows].unsqueeze(2).float(), k, v, attn_mask=mask, scale=scale,
                                        enable_gqa=True)
-    out[q_rows] = o.squeeze(2)
+    out[q_rows] = o.squeeze(2).to(out.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
