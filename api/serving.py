@@ -80,11 +80,6 @@ class OpenAIServing:
                 fields["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
             except ValueError:
                 raise bad_request("logit_bias: keys must be token ids (integers as strings)", "logit_bias") from None
-        for name in ("logit_bias", "stop_token_ids"):
-            bad = [t for t in fields.get(name) or () if not 0 <= t < self.vocab_size]
-            if bad:
-                raise bad_request(f"{name}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
-                                  name)
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **fields)
         except ValueError as e:  # the message starts with the field's name
@@ -112,7 +107,8 @@ class OpenAIServing:
         if errors:
             self.engine.abort([s.request_id for s in results if isinstance(s, RequestStream)])
             if isinstance(errors[0], ValueError):
-                raise bad_request(str(errors[0]), param=prompt_field)
+                # Most engine-side errors are about the prompt; the rest name their field.
+                raise bad_request(str(errors[0]), param=getattr(errors[0], "param", None) or prompt_field)
             raise errors[0]
         return results
 

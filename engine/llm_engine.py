@@ -27,6 +27,14 @@ logger = logging.getLogger(__name__)
 PromptType = str | list[int] | dict
 
 
+class InvalidRequestError(ValueError):
+    """A request the engine cannot serve; `param` names the SamplingParams field at fault, if one is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class _Request:
     request_id: str
@@ -137,10 +145,11 @@ class LLMEngine:
             raise ValueError(
                 f"prompt has {len(ids)} tokens and max_tokens is {max_tokens}, together "
                 f"{len(ids) + max_tokens}, but the model's context is {self.max_model_len} tokens")
-        bad = [t for t in list(params.logit_bias or {}) + params.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} in logit_bias or stop_token_ids is outside the "
-                             f"vocabulary [0, {vocab})")
+        for name in ("logit_bias", "stop_token_ids"):
+            bad = [t for t in getattr(params, name) or () if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                                          name)
 
     def abort_request(self, request_id: str | list[str]) -> None:
         """Stop requests now and return their KV blocks; unknown or finished ids are ignored."""

@@ -127,19 +127,18 @@ class ModelRunner:
         max_blocks = max(len(s.block_ids) for s in sched.seqs)
         block_tables = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in sched.seqs]
 
-        dev = self.device
-
-        def as_tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=dev)
-
-        ids, pos, slot_mapping = (as_tensor(input_ids, torch.long), as_tensor(positions, torch.long),
-                                  as_tensor(slots, torch.int64))
-        tables, lens = as_tensor(block_tables, torch.int32), as_tensor(seq_lens, torch.int32)
+        # Built on the host: a graph replay copies them straight into its static buffers.
+        ids, pos = torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
+        slot_mapping = torch.tensor(slots, dtype=torch.int64)
+        tables, lens = torch.tensor(block_tables, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32)
         graphs = self.decode_graphs
         if graphs is not None and len(sample_seqs) == len(input_ids) <= graphs.max_batch_size:
             # Every sequence runs one token and samples it: a decode step, replayed from a graph.
             return graphs.run(ids, pos, slot_mapping, tables, lens).float(), sample_seqs
-        meta = AttentionMetadata(slot_mapping, tables, lens, as_tensor(query_start_loc, torch.int32))
+        dev = self.device
+        ids, pos, slot_mapping, tables, lens = (t.to(dev) for t in (ids, pos, slot_mapping, tables, lens))
+        meta = AttentionMetadata(slot_mapping, tables, lens,
+                                 torch.tensor(query_start_loc, dtype=torch.int32, device=dev))
         hidden = self.model(ids, pos, self.kv_caches, meta)
         if not sample_seqs:
             return None, []
