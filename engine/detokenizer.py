@@ -4,11 +4,13 @@ Decoding works like vLLM/TGI: each step decodes only a small window of ids
 (prefix_offset..end) and emits the part of its text beyond the already-emitted
 window prefix (prefix_offset..read_offset). Byte-level and byte-fallback tokenizers split
 one character across tokens, so while the window's text ends in U+FFFD (an incomplete
-UTF-8 sequence) nothing is emitted and the window just grows.
+UTF-8 sequence) nothing is emitted and the window just grows. Stop strings are matched
+on the emitted text by engine.stop_strings.StopMatcher, which sees each character once.
 """
 from __future__ import annotations
 
 from engine.sampling_params import SamplingParams
+from engine.stop_strings import StopMatcher
 
 # Prompt ids used as initial context, so the first output token decodes as it would
 # mid-text (e.g. a sentencepiece "▁Hello" keeps its leading space).
@@ -29,7 +31,7 @@ class IncrementalDetokenizer:
             [*tokenizer.all_special_ids,
              *(i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special)]
         ) if self.skip_special else frozenset()
-        self.stops: list[str] = list(params.stop or [])
+        self._stops = StopMatcher(params.stop or [], params.include_stop_str_in_output)
 
         ids = [i for i in prompt_token_ids if i not in self._special_ids][-PROMPT_CONTEXT_TOKENS:]
         # A prompt cut mid-character would merge with the first output bytes and corrupt the
@@ -41,7 +43,6 @@ class IncrementalDetokenizer:
         self._read_offset = len(ids)
 
         self._out: list[str] = []  # released text, in chunks; joined lazily by output_text
-        self._held = ""  # tail of the text that may still turn into a stop string
         self._done = False
 
     def append(self, token_ids: list[int]) -> str | None:
@@ -68,8 +69,7 @@ class IncrementalDetokenizer:
         # Text still waiting for more bytes will get none; emit it as decode() would.
         stop = self._add_text(self._decode_new(flush=True))
         if stop is None:
-            self._release(self._held)
-            self._held = ""
+            self._release(self._stops.flush())
             self._done = True
         return stop
 
@@ -88,29 +88,11 @@ class IncrementalDetokenizer:
         return full_text[len(prefix_text):]
 
     def _add_text(self, new: str) -> str | None:
-        if not new:
-            return None
-        if not self.stops:
-            self._release(new)
-            return None
-        # A stop match can only start inside held + new: had it started in released text,
-        # that text would have ended in a proper prefix of the stop and been held back.
-        pending = self._held + new
-        match = min(((pos, stop) for stop in self.stops if (pos := pending.find(stop)) >= 0),
-                    default=None, key=lambda m: m[0])
-        if match is not None:
-            pos, stop = match
-            end = pos + len(stop) if self.params.include_stop_str_in_output else pos
-            self._release(pending[:end])
-            self._held = ""
+        released, stop = self._stops.feed(new)
+        self._release(released)
+        if stop is not None:
             self._done = True
-            return stop
-        # Hold back the longest suffix that is a proper prefix of some stop string.
-        hold = next((n for n in range(min(len(pending), max(map(len, self.stops)) - 1), 0, -1)
-                     if any(s.startswith(pending[-n:]) for s in self.stops)), 0)
-        self._release(pending[:len(pending) - hold])
-        self._held = pending[len(pending) - hold:]
-        return None
+        return stop
 
     def _release(self, text: str) -> None:
         if text:

@@ -215,3 +215,20 @@ def test_prompt_ending_mid_character_does_not_corrupt_the_output(tokenizer):
     cut = next(i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]).endswith("\ufffd"))
     _, texts, _ = stream(tokenizer, ids[cut:], ids[:cut])
     assert texts[-1] == tokenizer.decode(ids[cut:])
+
+
+def test_long_stop_string_prefix_is_held_and_each_character_matched_once(tokenizer):
+    """The stop matcher sees only new text: held-back text is not rescanned however long the stop."""
+    stop = (TEXT * 3)[:999] + "\x00"  # the text keeps re-entering a 999-character prefix of it
+    ids = tokenizer.encode(TEXT, add_special_tokens=False) * 5
+    detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(stop=[stop]))
+    fed, feed = [], detok._stops.feed
+    detok._stops.feed = lambda text: (fed.append(text), feed(text))[1]
+    texts = []
+    for i in ids:
+        assert detok.append([i]) is None
+        texts.append(detok.output_text)
+    assert texts[-1] == TEXT * 2  # the last three repetitions start the stop: held back...
+    assert detok.finish() is None
+    assert detok.output_text == tokenizer.decode(ids) == "".join(fed)  # ...and each character fed once
+    assert_never_retracted(texts + [detok.output_text])
