@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from engine.config import EngineConfig
+from engine.limits import RequestLimits
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
                "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30}
@@ -53,9 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default: %(default)s)")
     serve.add_argument("--served-model-name", default=None,
                        help="the model name clients use and /v1/models lists (default: the model's own)")
-    serve.add_argument("--max-queue-len", type=int, default=None,
-                       help="most requests that may wait for a batch slot beyond --max-num-seqs; more "
-                            "get 503 (default: no limit)")
+    limits = RequestLimits()
+    serve.add_argument("--max-queue-len", type=int, default=limits.max_waiting_seqs,
+                       help="most sequences (a request with n samples counts n) that may wait for a batch "
+                            "slot beyond --max-num-seqs; more get 503 with Retry-After (default: %(default)s)")
+    for flag, field, what in [("--max-n", "max_n", "samples (n) in one request"),
+                              ("--max-prompts", "max_prompts", "prompts in one /v1/completions request"),
+                              ("--max-stop", "max_stop", "stop strings in one request"),
+                              ("--max-stop-len", "max_stop_len", "characters in one stop string"),
+                              ("--max-stop-token-ids", "max_stop_token_ids", "stop_token_ids in one request"),
+                              ("--max-logit-bias", "max_logit_bias", "logit_bias entries in one request"),
+                              ("--max-prompt-chars", "max_prompt_chars", "characters of prompt text in one request")]:
+        serve.add_argument(flag, dest=field, type=int, default=getattr(limits, field),
+                           help=f"most {what}; more is a 400 (default: %(default)s)")
+    serve.add_argument("--sse-ping-interval", type=float, default=15.0,
+                       help="seconds between keep-alive comments on an idle stream (default: %(default)s)")
+    serve.add_argument("--fault-injection", default=None,
+                       help="testing only: make chosen requests or steps fail (request:MARKER, "
+                            "sampler:MARKER, step:N; see engine/faults.py)")
     serve.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                        help="require `Authorization: Bearer KEY` on /v1, /tokenize and /detokenize "
                             "(default: $TOKENMILL_API_KEY; none: open)")
@@ -74,7 +90,13 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         kv_cache_memory=args.kv_cache_memory,
                         gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
                         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-                        seed=args.seed)
+                        seed=args.seed, fault_injection=args.fault_injection,
+                        limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts, max_stop=args.max_stop,
+                                             max_stop_len=args.max_stop_len,
+                                             max_stop_token_ids=args.max_stop_token_ids,
+                                             max_logit_bias=args.max_logit_bias,
+                                             max_prompt_chars=args.max_prompt_chars,
+                                             max_waiting_seqs=args.max_queue_len))
 
 
 _BENCHMARKS = {"serve": "serving.py", "throughput": "throughput.py"}
@@ -105,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .server import run_server  # the web stack loads only for `serve`
 
-    run_server(config, args.host, args.port, args.served_model_name, args.api_key, args.max_queue_len)
-    return 0
+    return run_server(config, args.host, args.port, args.served_model_name, args.api_key, args.sse_ping_interval)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Every error as OpenAI's error object, with OpenAI's status codes.
 
-400 bad values, types and JSON (FastAPI's 422 included); 401 bad API key; 404 unknown model or path;
-503 overloaded or shutting down; 500 only for bugs, logged with the request id.
+400 bad values, types and JSON (FastAPI's 422 included) and requests over a limit; 401 bad API key;
+404 unknown model or path; 503 with Retry-After when the queue is full; 503 while shutting down or
+once the engine is dead; 500 for a request that failed inside the engine (its message names it) and
+for bugs, logged with the request id.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_engine import EngineOverloadedError, EngineStoppedError
+from engine.engine_client import EngineDeadError, EngineOverloadedError, EngineStoppedError
+from engine.limits import InvalidRequestError
 
 from .protocol import ErrorInfo, ErrorResponse
 
@@ -23,18 +26,20 @@ class APIError(Exception):
     """An error the client caused or can act on, rendered as OpenAI's error object."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         body = ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
                                              code=self.code))
-        return JSONResponse(body.model_dump(), status_code=self.status)
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
 
 
 # Errors with their own handler below; anything else reaching a handler is a bug.
-EXPECTED_ERRORS = (APIError, RequestValidationError, StarletteHTTPException, EngineOverloadedError, EngineStoppedError)
+EXPECTED_ERRORS = (APIError, RequestValidationError, StarletteHTTPException, InvalidRequestError,
+                   EngineOverloadedError, EngineStoppedError, EngineDeadError)
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -72,12 +77,18 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return validation_error(exc).response()
 
+    @app.exception_handler(InvalidRequestError)
+    async def _invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        return bad_request(str(exc), exc.param).response()
+
     @app.exception_handler(EngineOverloadedError)
     async def _overloaded(request: Request, exc: EngineOverloadedError) -> JSONResponse:
-        return APIError(503, str(exc), type="server_error", code="overloaded").response()
+        return APIError(503, str(exc), type="server_error", code="overloaded",
+                        headers={"Retry-After": str(exc.retry_after)}).response()
 
     @app.exception_handler(EngineStoppedError)
-    async def _stopped(request: Request, exc: EngineStoppedError) -> JSONResponse:
+    @app.exception_handler(EngineDeadError)
+    async def _unavailable(request: Request, exc: RuntimeError) -> JSONResponse:
         return APIError(503, str(exc), type="server_error", code="unavailable").response()
 
     @app.exception_handler(StarletteHTTPException)

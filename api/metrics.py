@@ -77,28 +77,34 @@ class ServerMetrics:
 
 
 class RequestTracker:
-    """Follows one engine request's outputs: latency histograms and the log line when it ends."""
+    """Follows one engine request's output deltas: latency histograms and the log line when it ends."""
 
     def __init__(self, metrics: ServerMetrics, request_id: str):
         self.metrics = metrics
         self.request_id = request_id
         self.last: RequestOutput | None = None
         self._last_time = 0.0
-        self._last_len = 0
+        self._num_tokens: dict[int, int] = {}  # per sample
+        self._reasons: dict[int, str] = {}
 
-    def update(self, out: RequestOutput) -> None:
+    def update(self, delta: RequestOutput) -> None:
         now = time.time()
-        length = max(len(o.token_ids) for o in out.outputs)
+        before = max(self._num_tokens.values(), default=0)
+        for o in delta.outputs:
+            self._num_tokens[o.index] = self._num_tokens.get(o.index, 0) + len(o.token_ids)
+            if o.finish_reason:
+                self._reasons[o.index] = o.finish_reason
+        length = max(self._num_tokens.values(), default=0)
         if self.last is None:
-            self.metrics.time_to_first_token.observe(now - out.metrics.arrival_time)
-        elif length > self._last_len:  # several tokens may arrive together when the reader lags
-            gap = (now - self._last_time) / (length - self._last_len)
-            for _ in range(length - self._last_len):
+            self.metrics.time_to_first_token.observe(now - delta.metrics.arrival_time)
+        elif length > before:  # several tokens may arrive together when the reader lags
+            gap = (now - self._last_time) / (length - before)
+            for _ in range(length - before):
                 self.metrics.inter_token_latency.observe(gap)
-        self.last, self._last_time, self._last_len = out, now, length
-        if out.finished:
-            self.metrics.e2e_request_latency.observe(now - out.metrics.arrival_time)
-            self._log("finished")
+        self.last, self._last_time = delta, now
+        if delta.finished:
+            self.metrics.e2e_request_latency.observe(now - delta.metrics.arrival_time)
+            self._log("failed" if delta.error else "finished")
 
     def close(self) -> None:
         """The stream ended; if the request had not finished, the client left and it was aborted."""
@@ -112,7 +118,7 @@ class RequestTracker:
             return
         m = out.metrics
         ttft = (m.first_token_time - m.arrival_time) if m.first_token_time else float("nan")
-        reasons = ",".join(str(o.finish_reason) for o in out.outputs)
+        reasons = ",".join(self._reasons[i] for i in sorted(self._reasons))
         logger.info("request %s %s (%s): prompt %d tokens, output %d tokens, TTFT %.3fs, total %.3fs",
                     self.request_id, status, reasons, len(out.prompt_token_ids),
-                    sum(len(o.token_ids) for o in out.outputs), ttft, time.time() - m.arrival_time)
+                    sum(self._num_tokens.values()), ttft, time.time() - m.arrival_time)

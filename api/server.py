@@ -15,8 +15,11 @@ from fastapi.routing import APIRoute
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sse_starlette.sse import AppStatus
+
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig
+from engine.engine_client import EngineClient
 
 from .errors import EXPECTED_ERRORS, APIError, bad_request, install_error_handlers, internal_error
 from .metrics import ServerMetrics
@@ -66,12 +69,15 @@ class _Route(APIRoute):
         return route
 
 
-def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_key: str | None = None,
-              owns_engine: bool = True) -> FastAPI:
+def build_app(engine: EngineClient, served_model_name: str | None = None, api_key: str | None = None,
+              owns_engine: bool = True, sse_ping_s: float = 15.0) -> FastAPI:
     """An app serving `engine`. With owns_engine, the app's lifespan starts and stops the engine."""
-    model_name = served_model_name or engine.engine.model_config.name
+    model_name = served_model_name or engine.model_config.name
     metrics = ServerMetrics(lambda: engine.stats, model_name)
-    serving = OpenAIServing(engine, model_name, metrics)
+    serving = OpenAIServing(engine, model_name, metrics, sse_ping_s)
+    # On SIGTERM, streams in flight finish (uvicorn's graceful shutdown waits for them) rather than
+    # being cut by sse-starlette's default drain.
+    AppStatus.disable_automatic_graceful_drain()
     completions, chat = ServingCompletions(serving), ServingChat(serving)
     created = int(time.time())
 
@@ -94,7 +100,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     api = APIRouter(dependencies=[Depends(_api_key_check(api_key))], route_class=_Route)
-    card = ModelCard(id=model_name, created=created, root=engine.engine.config.model,
+    card = ModelCard(id=model_name, created=created, root=engine.config.model,
                      max_model_len=serving.max_model_len)
 
     @api.get("/v1/models")
@@ -119,8 +125,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
         serving.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of prompt or messages")
-        tokens = (serving.chat_prompt(req.messages, req.add_generation_prompt) if req.messages is not None
-                  else serving.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+        tokens = (await serving.chat_prompt(req.messages, req.add_generation_prompt) if req.messages is not None
+                  else await engine.encode(req.prompt, add_special_tokens=req.add_special_tokens))
         return {"tokens": tokens, "count": len(tokens), "max_model_len": serving.max_model_len}
 
     @api.post("/detokenize")
@@ -130,20 +136,30 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str | None = None, api_
         if bad:
             raise bad_request(f"tokens: token id {bad[0]} is outside the vocabulary [0, {serving.vocab_size})",
                               "tokens")
-        return {"prompt": serving.tokenizer.decode(req.tokens)}
+        return {"prompt": await engine.decode(req.tokens)}
 
     app.include_router(api)
     return app
 
 
 def run_server(config: EngineConfig, host: str, port: int, served_model_name: str | None = None,
-               api_key: str | None = None, max_queue_len: int | None = None) -> None:
-    """Load the model, then serve until SIGINT or SIGTERM (which drain in-flight requests first)."""
-    engine = AsyncLLMEngine.from_config(config, max_queue_len)
-    app = build_app(engine, served_model_name, api_key)
+               api_key: str | None = None, sse_ping_s: float = 15.0) -> int:
+    """Load the model, then serve until SIGINT or SIGTERM (which drain in-flight requests first).
+
+    Returns the exit status: 0 after a clean stop, 1 if the engine died (so a supervisor restarts us)."""
+    engine = AsyncLLMEngine.from_config(config)
+    app = build_app(engine, served_model_name, api_key, sse_ping_s=sse_ping_s)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+
+    def stop_serving(error: Exception) -> None:  # runs on the engine thread; both are plain flags
+        logger.critical("shutting down: %s", error)
+        server.should_exit = True
+        AppStatus.should_exit = True
+
+    engine.on_dead(stop_serving)
     # uvicorn re-raises the signal that stopped it once its graceful shutdown is done; after a
     # clean drain, SIGTERM should end the process with status 0, not die of the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
+    return 1 if engine.dead_error is not None else 0

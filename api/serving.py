@@ -1,8 +1,10 @@
 """Plumbing shared by /v1/completions and /v1/chat/completions.
 
-request fields -> SamplingParams -> engine requests (one per prompt) -> merged outputs -> either the
-final outputs or a stream of per-choice deltas -> SSE framing. The two endpoints only differ in how
-they build the prompt and how they shape a choice.
+request fields -> SamplingParams -> engine requests (one per prompt) -> their output deltas, merged
+-> either the final outputs or a stream of per-choice deltas -> SSE events (sse-starlette, with
+keep-alive pings while a request waits or prefills). The two endpoints only differ in how they build
+the prompt and how they shape a choice. Tokenization and chat templates run on the engine client's
+worker pool, never on the event loop or the engine's thread.
 """
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ from typing import TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from engine.async_engine import AsyncLLMEngine, EngineOverloadedError, EngineStoppedError, RequestStream
+from engine.engine_client import (EngineClient, EngineDeadError, EngineOverloadedError, EngineStoppedError,
+                                  RequestFailedError, RequestStream)
+from engine.limits import InvalidRequestError
 from engine.llm_engine import PromptType
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -57,13 +62,14 @@ class TokenLogprob:
 class OpenAIServing:
     """Holds the engine, the served model's name and the metrics; runs requests for both endpoints."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics):
+    def __init__(self, engine: EngineClient, model_name: str, metrics: ServerMetrics, sse_ping_s: float = 15.0):
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
-        self.tokenizer = engine.engine.get_tokenizer()
-        self.max_model_len = engine.engine.max_model_len
-        self.vocab_size = engine.engine.model_config.vocab_size
+        self.sse_ping_s = sse_ping_s
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.model_config.vocab_size
         self.system_fingerprint = "fp_" + hashlib.sha256(f"tokenmill-{model_name}".encode()).hexdigest()[:10]
 
     # ---- request -> engine -----------------------------------------------------------------
@@ -85,31 +91,32 @@ class OpenAIServing:
         except ValueError as e:  # the message starts with the field's name
             raise bad_request(str(e), param=str(e).split(" ", 1)[0]) from None
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise bad_request("this model has no chat template; use /v1/completions", "messages")
+    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.content or ""}
                         for m in messages]
         try:
-            return list(self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False))
-        except Exception as e:  # the template itself rejects the conversation (jinja2 raise_exception)
-            raise bad_request(f"messages: the chat template rejected them: {e}", "messages") from None
+            return await self.engine.apply_chat_template(conversation, add_generation_prompt)
+        except InvalidRequestError as e:
+            raise bad_request(str(e), e.param) from None
 
     async def start(self, request_id: str, prompts: list[PromptType], params: SamplingParams,
                     arrival_time: float, prompt_field: str) -> list[RequestStream]:
-        """Queue one engine request per prompt; all are accepted or none is."""
+        """Queue one engine request per prompt; all are accepted or none is. Raises a 400 naming the field
+        for a bad request; overload and a dead or stopping engine go to their own handlers (503)."""
+        limit = self.engine.limits.max_prompts
+        if len(prompts) > limit:
+            raise bad_request(f"{prompt_field}: {len(prompts)} prompts given, the limit is {limit}", prompt_field)
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         results = await asyncio.gather(
-            *(self.engine.add_request(rid, p, params, arrival_time) for rid, p in zip(ids, prompts)),
+            *(self.engine.add_request(rid, p, params, arrival_time, prompt_field) for rid, p in zip(ids, prompts)),
             return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             self.engine.abort([s.request_id for s in results if isinstance(s, RequestStream)])
-            if isinstance(errors[0], ValueError):
-                # Most engine-side errors are about the prompt; the rest name their field.
-                raise bad_request(str(errors[0]), param=getattr(errors[0], "param", None) or prompt_field)
-            raise errors[0]
+            error = next((e for e in errors if not isinstance(e, ValueError)), errors[0])
+            if isinstance(error, ValueError):
+                raise bad_request(str(error), param=getattr(error, "param", None) or prompt_field)
+            raise error
         return results
 
     # ---- engine -> outputs -----------------------------------------------------------------
@@ -124,7 +131,7 @@ class OpenAIServing:
             tracker.close()
 
     async def outputs(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, cumulative output) from all streams as they come; closing this aborts the rest."""
+        """(prompt index, output delta) from all streams as they come; closing this aborts the rest."""
         if len(streams) == 1:
             async for item in self._tracked(0, streams[0]):
                 yield item
@@ -152,18 +159,22 @@ class OpenAIServing:
                 task.cancel()
 
     async def final_outputs(self, streams: list[RequestStream]) -> list[RequestOutput]:
-        finals: list[RequestOutput] = [None] * len(streams)  # type: ignore[list-item]
-        async for i, out in self.outputs(streams):
-            finals[i] = out
+        """Each request's deltas folded into its whole output. A request that failed in the engine is a
+        500 naming it; a dead engine, a 503."""
+        finals: list[RequestOutput | None] = [None] * len(streams)
+        try:
+            async for i, delta in self.outputs(streams):
+                if finals[i] is None:
+                    finals[i] = RequestOutput.empty(delta)
+                finals[i].add(delta)
+        except RequestFailedError as e:
+            raise APIError(500, str(e), type="server_error") from None
         return finals
 
     async def deltas(self, streams: list[RequestStream], n: int, with_logprobs: bool,
                      usage: UsageInfo) -> AsyncIterator[ChoiceDelta]:
         """Per-choice increments; choice index = prompt index * n + sample index. Keeps `usage` current."""
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
-        num_tokens: dict[int, int] = {}
-        done: set[int] = set()
+        held: dict[int, tuple[list[int], list[dict[int, float]]]] = {}  # tokens whose text is held back
         seen_prompts: set[int] = set()
         async for prompt_index, out in self.outputs(streams):
             if prompt_index not in seen_prompts:
@@ -171,21 +182,16 @@ class OpenAIServing:
                 usage.prompt_tokens += len(out.prompt_token_ids)
             for o in out.outputs:
                 index = prompt_index * n + o.index
-                num_tokens[index] = len(o.token_ids)
-                if index in done:
-                    continue
-                start_text, start_tok = sent_text.get(index, 0), sent_tokens.get(index, 0)
-                text, token_ids = o.text[start_text:], o.token_ids[start_tok:]
+                usage.completion_tokens += len(o.token_ids)
+                tokens, entries = held.pop(index, ([], []))
+                tokens, entries = tokens + o.token_ids, entries + (o.logprobs or [])
                 # Tokens whose text is still held back (a partial character or stop string) wait for
                 # the next chunk, unless their logprobs must be reported with them.
-                if not (text or o.finish_reason or (with_logprobs and token_ids)):
+                if not (o.text or o.finish_reason or (with_logprobs and tokens)):
+                    held[index] = (tokens, entries)
                     continue
-                sent_text[index], sent_tokens[index] = len(o.text), len(o.token_ids)
-                if o.finish_reason:
-                    done.add(index)
-                usage.completion_tokens = sum(num_tokens.values())
                 usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-                yield ChoiceDelta(index, text, token_ids, o.logprobs[start_tok:] if o.logprobs else None,
+                yield ChoiceDelta(index, o.text, tokens, entries if o.logprobs is not None else None,
                                   o.finish_reason, o.stop_reason)
 
     # ---- shaping ---------------------------------------------------------------------------
@@ -220,22 +226,33 @@ def stream_usage_flags(req: SamplingFields) -> tuple[bool, bool]:
     return (bool(opts and opts.include_usage), bool(opts and opts.include_usage and opts.continuous_usage_stats))
 
 
-async def sse(chunks: AsyncIterator[BaseModel], request_id: str) -> AsyncIterator[str]:
-    """OpenAI's framing: one `data: {json}` event per chunk, an error event if one occurs, then [DONE]."""
+def sse_response(chunks: AsyncIterator[BaseModel], request_id: str, ping_s: float) -> EventSourceResponse:
+    """OpenAI's framing (one `data: {json}` event per chunk, an error event if one occurs, then
+    `data: [DONE]`), with a `: ping` comment every ping_s seconds so that proxies keep an idle stream
+    open while the request waits in the queue or prefills. A client that hangs up cancels the
+    generator, and so aborts its engine requests."""
+    return EventSourceResponse(_sse_events(chunks, request_id), ping=ping_s, sep="\n")
+
+
+async def _sse_events(chunks: AsyncIterator[BaseModel], request_id: str) -> AsyncIterator[ServerSentEvent]:
     try:
         async for chunk in chunks:
-            yield f"data: {chunk.model_dump_json()}\n\n"
-    except (EngineOverloadedError, EngineStoppedError) as e:
+            yield ServerSentEvent(data=chunk.model_dump_json())
+    except EngineOverloadedError as e:
+        yield _error_event(ErrorInfo(message=str(e), type="server_error", code="overloaded"))
+    except (EngineStoppedError, EngineDeadError) as e:
+        yield _error_event(ErrorInfo(message=str(e), type="server_error", code="unavailable"))
+    except RequestFailedError as e:
         yield _error_event(ErrorInfo(message=str(e), type="server_error"))
     except Exception:  # the status line is already sent: report the bug in the stream
         logger.exception("internal error in request %s", request_id)
         yield _error_event(ErrorInfo(message=f"internal server error (request id {request_id})",
                                      type="server_error"))
-    yield "data: [DONE]\n\n"
+    yield ServerSentEvent(data="[DONE]")
 
 
-def _error_event(info: ErrorInfo) -> str:
-    return f"data: {ErrorResponse(error=info).model_dump_json()}\n\n"
+def _error_event(info: ErrorInfo) -> ServerSentEvent:
+    return ServerSentEvent(data=ErrorResponse(error=info).model_dump_json())
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:

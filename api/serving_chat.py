@@ -6,7 +6,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from engine.async_engine import RequestStream
 
@@ -14,7 +14,7 @@ from .errors import bad_request
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob,
                        DeltaMessage, TopLogprob, UsageInfo)
-from .serving import OpenAIServing, cancel_on_disconnect, check_stream_options, sse, stream_usage_flags
+from .serving import OpenAIServing, cancel_on_disconnect, check_stream_options, sse_response, stream_usage_flags
 
 
 class ServingChat:
@@ -30,12 +30,11 @@ class ServingChat:
         check_stream_options(req.stream, req.stream_options)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = s.sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        prompt = s.chat_prompt(req.messages)
+        prompt = await s.chat_prompt(req.messages)
         request_id = raw.state.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await s.start(request_id, [prompt], params, arrival, "messages")
         if req.stream:
-            return StreamingResponse(sse(self._chunks(req, request_id, streams), request_id),
-                                     media_type="text/event-stream")
+            return sse_response(self._chunks(req, request_id, streams), request_id, s.sse_ping_s)
         finals = await cancel_on_disconnect(raw, s.final_outputs(streams))
         if finals is None:
             return Response(status_code=499)  # the client left; nobody reads this

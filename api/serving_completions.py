@@ -6,13 +6,13 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from engine.async_engine import RequestStream
 
 from .errors import bad_request
 from .protocol import CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
-from .serving import OpenAIServing, cancel_on_disconnect, check_stream_options, sse, stream_usage_flags
+from .serving import OpenAIServing, cancel_on_disconnect, check_stream_options, sse_response, stream_usage_flags
 
 
 class ServingCompletions:
@@ -36,10 +36,9 @@ class ServingCompletions:
         prompts = req.prompt if isinstance(req.prompt, list) and not isinstance(req.prompt[0], int) else [req.prompt]
         request_id = raw.state.request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await s.start(request_id, prompts, params, arrival, "prompt")
-        echo = [(p if isinstance(p, str) else s.tokenizer.decode(p)) if req.echo else "" for p in prompts]
+        echo = [(p if isinstance(p, str) else await s.engine.decode(p)) if req.echo else "" for p in prompts]
         if req.stream:
-            return StreamingResponse(sse(self._chunks(req, request_id, streams, echo), request_id),
-                                     media_type="text/event-stream")
+            return sse_response(self._chunks(req, request_id, streams, echo), request_id, s.sse_ping_s)
         finals = await cancel_on_disconnect(raw, s.final_outputs(streams))
         if finals is None:
             return Response(status_code=499)  # the client left; nobody reads this

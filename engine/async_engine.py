@@ -1,41 +1,37 @@
-"""AsyncLLMEngine: the server's async front over LLMEngine.
+"""AsyncLLMEngine: the engine on a background thread of the server's process, behind EngineClient.
 
-LLMEngine is not thread-safe, so it lives on one background thread that owns it outright: the event
-loop never touches it. Callers hand it commands (add, abort) through a queue that the thread drains
-between steps; an add answers through a future, so a bad request raises ValueError in the caller
-before the response starts. Outputs travel back through one asyncio.Queue per request. While no
-request is unfinished, the thread sleeps on a condition variable.
+LLMEngine is not thread-safe, so one thread owns it outright and only runs steps: the event loop never
+touches it, and tokenization happens on the client's pool before a request reaches it. Callers hand
+it commands (add, abort) through a list that the thread drains between steps; output deltas travel
+back through each request's RequestStream. While nothing is unfinished, the thread sleeps.
+
+If anything on that thread fails outside the engine's per-request guards (a step, an abort), the
+engine is dead: every pending and later request gets EngineDeadError, is_running turns False, and the
+on_dead callbacks run (the server uses one to exit non-zero, so a supervisor restarts it).
 """
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import threading
-import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .config import EngineConfig
-from .llm_engine import EngineStats, LLMEngine, PromptType
-from .outputs import RequestOutput
+from .engine_client import (EngineClient, EngineDeadError, EngineOverloadedError, EngineStoppedError,
+                            RequestFailedError, RequestStream)
+from .llm_engine import EngineStats, LLMEngine
 from .sampling_params import SamplingParams
 
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineOverloadedError", "EngineStoppedError",
+           "RequestFailedError", "RequestStream"]
+
 logger = logging.getLogger(__name__)
-
-
-class EngineOverloadedError(RuntimeError):
-    """Too many requests wait for a batch slot; the caller should retry later."""
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine shut down (or its thread died) before the request finished."""
 
 
 @dataclass
 class _Add:
     request_id: str
-    prompt: PromptType
+    prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
     stream: RequestStream
@@ -47,65 +43,37 @@ class _Abort:
     request_ids: list[str]
 
 
-class RequestStream:
-    """The outputs of one request as they arrive; iterate it with `async for`.
+class AsyncLLMEngine(EngineClient):
+    """Runs LLMEngine's step loop on a background thread and streams each request's output deltas."""
 
-    Outputs are cumulative, so when several are queued only the newest matters. Leaving the
-    iteration early (break, cancellation, client disconnect) aborts the request and frees its blocks.
-    """
-
-    def __init__(self, request_id: str, engine: AsyncLLMEngine):
-        self.request_id = request_id
-        self._engine = engine
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self.finished = False
-
-    def put(self, item: RequestOutput | BaseException) -> None:
-        """Called from the engine thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
-
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        try:
-            while not self.finished:
-                item = await self._queue.get()
-                while not self._queue.empty() and not isinstance(item, BaseException):
-                    item = self._queue.get_nowait()
-                if isinstance(item, BaseException):
-                    self.finished = True  # the engine already dropped this request
-                    raise item
-                self.finished = item.finished
-                yield item
-        finally:
-            if not self.finished:
-                self._engine.abort(self.request_id)
-
-
-class AsyncLLMEngine:
-    """Runs LLMEngine's step loop on a background thread and streams each request's outputs."""
-
-    def __init__(self, engine: LLMEngine, max_queue_len: int | None = None):
+    def __init__(self, engine: LLMEngine):
+        super().__init__(engine.config, engine.model_config, engine.get_tokenizer(), engine.max_model_len)
         self.engine = engine
-        self.max_queue_len = max_queue_len
         self._commands: list[_Add | _Abort] = []
         self._wakeup = threading.Condition()
         self._stopping = False
+        self._dead: EngineDeadError | None = None
         self._streams: dict[str, RequestStream] = {}  # touched only by the engine thread
         self._thread: threading.Thread | None = None
-        self.stats: EngineStats = engine.stats()  # a snapshot, refreshed by the engine thread
+        self._stats: EngineStats = engine.stats()  # a snapshot, refreshed by the engine thread
 
     @classmethod
-    def from_config(cls, config: EngineConfig, max_queue_len: int | None = None) -> AsyncLLMEngine:
-        return cls(LLMEngine(config), max_queue_len)
+    def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
+        return cls(LLMEngine(config))
 
-    # ---- the caller's side (event loop) ----------------------------------------------------
+    # ---- the caller's side -----------------------------------------------------------------
 
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def dead_error(self) -> EngineDeadError | None:
+        return self._dead
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
 
     def start(self) -> None:
         if self._thread is None:
@@ -119,35 +87,22 @@ class AsyncLLMEngine:
             self._wakeup.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                          arrival_time: float | None = None) -> RequestStream:
-        """Queue a request; raises ValueError for a bad one, EngineOverloadedError over the queue limit."""
-        stream = RequestStream(request_id, self)
+    def _submit_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float, stream: RequestStream) -> concurrent.futures.Future:
         result: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(_Add(request_id, prompt, params, arrival_time or time.time(), stream, result))
-        try:
-            await asyncio.wrap_future(result)
-        except asyncio.CancelledError:
-            self.abort(request_id)  # queued after the add, so it cannot miss it
-            raise
-        return stream
+        self._submit(_Add(request_id, prompt_token_ids, params, arrival_time, stream, result))
+        return result
 
-    async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Add a request and yield its cumulative outputs until it finishes."""
-        stream = await self.add_request(request_id, prompt, params, arrival_time)
-        async for out in stream:
-            yield out
-
-    def abort(self, request_id: str | list[str]) -> None:
-        self._submit(_Abort([request_id] if isinstance(request_id, str) else list(request_id)))
+    def _submit_abort(self, request_ids: list[str]) -> None:
+        self._submit(_Abort(request_ids))
 
     def _submit(self, command: _Add | _Abort) -> None:
         with self._wakeup:
             if self._stopping:  # the thread may be gone: answer here, or the caller would wait forever
                 if isinstance(command, _Add):
-                    command.result.set_exception(EngineStoppedError("the server is shutting down"))
+                    command.result.set_exception(self._dead or EngineStoppedError("the server is shutting down"))
                 return
             self._commands.append(command)
             self._wakeup.notify()
@@ -155,6 +110,12 @@ class AsyncLLMEngine:
     # ---- the engine thread -----------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: B036 - whatever ends the loop, the engine must die loudly
+            self._die(e)
+
+    def _loop(self) -> None:
         while True:
             with self._wakeup:
                 while not (self._commands or self._stopping or self.engine.has_unfinished_requests()):
@@ -165,11 +126,11 @@ class AsyncLLMEngine:
                 self._apply(command)
             if stopping:
                 self._fail_all(EngineStoppedError("the server is shutting down"))
-                self.stats = self.engine.stats()
+                self._stats = self.engine.stats()
                 return
             if self.engine.has_unfinished_requests():
                 self._step()
-            self.stats = self.engine.stats()
+            self._stats = self.engine.stats()
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
@@ -177,30 +138,19 @@ class AsyncLLMEngine:
             for rid in command.request_ids:
                 self._streams.pop(rid, None)
             return
-        limit = self.max_queue_len
-        # Requests beyond the batch's slots wait; the limit bounds that wait.
-        if limit is not None and self.engine.get_num_unfinished_requests() >= self.engine.config.max_num_seqs + limit:
-            command.result.set_exception(EngineOverloadedError(
-                f"the server is overloaded: {limit} requests already wait for a batch slot "
-                f"(--max-queue-len {limit}); retry later"))
-            return
         try:
-            self.engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time)
-        except Exception as e:  # ValueError is the caller's mistake; anything else, a bug to report
+            self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
+                                    command.arrival_time)
+        except Exception as e:  # this request's own problem (the client checked it already)
             command.result.set_exception(e)
             return
         self._streams[command.request_id] = command.stream
         command.result.set_result(None)
 
     def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as e:  # a bug: fail the batch it hit, keep serving the next requests
-            logger.exception("engine step failed; aborting %d requests", len(self._streams))
-            self._fail_all(e)
-            return
+        outputs = self.engine.step()
         # Refresh the snapshot first, so a client that has seen a token sees it in the metrics too.
-        self.stats = self.engine.stats()
+        self._stats = self.engine.stats()
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:  # aborted since it was scheduled
@@ -208,6 +158,25 @@ class AsyncLLMEngine:
             stream.put(out)
             if out.finished:
                 del self._streams[out.request_id]
+
+    def _die(self, cause: BaseException) -> None:
+        logger.critical("the engine died: %s: %s", type(cause).__name__, cause, exc_info=cause)
+        dead = EngineDeadError(f"the engine died ({type(cause).__name__}: {cause}); the server must restart")
+        with self._wakeup:
+            self._dead, self._stopping = dead, True
+            commands, self._commands = self._commands, []
+        for command in commands:
+            if isinstance(command, _Add):
+                command.result.set_exception(dead)
+                command.stream.put(dead)
+        for stream in self._streams.values():
+            stream.put(dead)
+        self._streams.clear()
+        for callback in self._on_dead:
+            try:
+                callback(dead)
+            except Exception:
+                logger.exception("an on_dead callback failed")
 
     def _fail_all(self, error: BaseException) -> None:
         self.engine.abort_request(list(self._streams))

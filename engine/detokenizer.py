@@ -43,14 +43,22 @@ class IncrementalDetokenizer:
         self._read_offset = len(ids)
 
         self._out: list[str] = []  # released text, in chunks; joined lazily by output_text
+        self._new: list[str] = []  # released since the last take_text()
         self._done = False
 
-    def append(self, token_ids: list[int]) -> str | None:
-        """Add newly sampled ids; returns the stop string that matched (generation must end), else None."""
+    def append(self, token_ids: list[int], check_stops: bool = True) -> str | None:
+        """Add newly sampled ids; returns the stop string that matched (generation must end), else None.
+
+        With check_stops False (fewer than min_tokens out), a stop string ending here does not count."""
         if self._done:
             raise RuntimeError("append() after the detokenizer finished")
         self._ids.extend(i for i in token_ids if i not in self._special_ids)
-        return self._add_text(self._decode_new(flush=False))
+        return self._add_text(self._decode_new(flush=False), check_stops)
+
+    def take_text(self) -> str:
+        """The text released since the last call: the engine's per-step delta."""
+        new, self._new = "".join(self._new), []
+        return new
 
     @property
     def output_text(self) -> str:
@@ -87,8 +95,8 @@ class IncrementalDetokenizer:
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return full_text[len(prefix_text):]
 
-    def _add_text(self, new: str) -> str | None:
-        released, stop = self._stops.feed(new)
+    def _add_text(self, new: str, check_stops: bool = True) -> str | None:
+        released, stop = self._stops.feed(new, check_stops)
         self._release(released)
         if stop is not None:
             self._done = True
@@ -97,3 +105,4 @@ class IncrementalDetokenizer:
     def _release(self, text: str) -> None:
         if text:
             self._out.append(text)
+            self._new.append(text)

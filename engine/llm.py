@@ -67,14 +67,15 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        final: dict[str, RequestOutput] = {}
+        final = {}  # request id -> its deltas folded into one output
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         prompt_tokens = out_tokens = 0
         try:
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                for delta in self.engine.step():
+                    out = final.setdefault(delta.request_id, RequestOutput.empty(delta))
+                    out.add(delta)
                     if out.finished:
-                        final[out.request_id] = out
                         prompt_tokens += len(out.prompt_token_ids)
                         out_tokens += sum(len(o.token_ids) for o in out.outputs)
                         elapsed = bar.format_dict["elapsed"] or 1e-9

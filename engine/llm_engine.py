@@ -1,7 +1,13 @@
 """LLMEngine: the step loop. add_request, abort_request, step, has_unfinished_requests.
 
 One step = schedule -> one forward pass -> sample -> append tokens, detokenize, check stops, free
-blocks. The server's async engine wraps this class without reaching into its parts.
+blocks. step() returns deltas: each request that advanced, with only what it gained. The server's
+async engine and the offline LLM both drive this class through those four calls and nothing else.
+
+One request's failure is its own: whatever can fail for one request (sampling its row, detokenizing,
+stop checks, logprobs) runs inside a guard that finishes that request with finish_reason "error" and
+an error message; the other requests go on with exactly the tokens they would have had. Anything else
+that raises out of step() is a fault of the engine itself.
 """
 from __future__ import annotations
 
@@ -14,25 +20,19 @@ import torch
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .faults import FaultInjector
+from .limits import check_prompt
 from .loader import load_model_files
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .request import Sequence
-from .sampler import Sampler, SamplingMetadata
+from .sampler import PenaltyState, Sampler, SamplerOutput, SamplingMetadata
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict
-
-
-class InvalidRequestError(ValueError):
-    """A request the engine cannot serve; `param` names the SamplingParams field at fault, if one is."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass
@@ -42,6 +42,8 @@ class _Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     metrics: RequestMetrics
+    fault_text: str = ""  # what fault injection matches against (the prompt's text)
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -90,6 +92,8 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.finished_reasons: dict[str, int] = {}
+        self.faults = FaultInjector.parse(config.fault_injection)
+        self.num_steps = 0
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
                     mc.name, self.runner.dtype, self.runner.device, self.runner.num_blocks,
                     config.block_size, self.max_model_len)
@@ -111,12 +115,15 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
-        """Queue a request. Raises ValueError (before taking any memory) if it cannot be served."""
+        """Queue a request. Raises ValueError (before taking any memory) if it cannot be served.
+
+        A string prompt is tokenized here, in the caller's thread; the server hands token ids."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
         text, ids = self.tokenize(prompt)
-        self._validate(ids, params)
+        self.config.limits.check_params(params)
+        check_prompt(ids, params, self.model_config.vocab_size, self.max_model_len)
         if params.max_tokens is None:
             params = params.clone(max_tokens=self.max_model_len - len(ids))
         params.all_stop_token_ids = set() if params.ignore_eos else set(self.eos_token_ids)
@@ -131,25 +138,11 @@ class LLMEngine:
                            arrival_time or now)
             seqs.append(seq)
             self.scheduler.add(seq)
-        self.requests[request_id] = _Request(request_id, text, ids, seqs, RequestMetrics(arrival_time or now))
+        req = _Request(request_id, text, ids, seqs, RequestMetrics(arrival_time or now))
+        if self.faults is not None:
+            req.fault_text = text if text is not None else self.tokenizer.decode(ids)
+        self.requests[request_id] = req
         self.num_prompt_tokens += len(ids)
-
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
-        vocab = self.model_config.vocab_size
-        if not ids:
-            raise ValueError("prompt is empty: give at least one token")
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
-        max_tokens = params.max_tokens or 1
-        if len(ids) + max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens and max_tokens is {max_tokens}, together "
-                f"{len(ids) + max_tokens}, but the model's context is {self.max_model_len} tokens")
-        for name in ("logit_bias", "stop_token_ids"):
-            bad = [t for t in getattr(params, name) or () if not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})",
-                                          name)
 
     def abort_request(self, request_id: str | list[str]) -> None:
         """Stop requests now and return their KV blocks; unknown or finished ids are ignored."""
@@ -170,7 +163,10 @@ class LLMEngine:
     # ---- the step --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one forward pass; return the new state of every request that advanced."""
+        """Run one forward pass; return a delta for every request that advanced (see the module doc)."""
+        self.num_steps += 1
+        if self.faults is not None:
+            self.faults.on_step(self.num_steps)
         sched = self.scheduler.schedule()
         if sched.is_empty():
             return []
@@ -184,26 +180,66 @@ class LLMEngine:
             self.block_manager.register_full_blocks(seq)
         if not sample_seqs:
             return []
-        meta = SamplingMetadata.build(
-            [s.params for s in sample_seqs], [s.prompt_token_ids for s in sample_seqs],
-            [s.output_token_ids for s in sample_seqs], [s.generator for s in sample_seqs],
-            self.model_config.vocab_size, logits.device)
-        out = self.sampler(logits, meta)
+        samples = self._sample(logits, sample_seqs)
         now = time.time()
         touched: dict[str, _Request] = {}
-        for i, seq in enumerate(sample_seqs):
-            self._append(seq, out.token_ids[i], out.logprobs[i], out.top_logprobs[i])
-            req = self.requests[seq.request_id]
+        for seq, sample in zip(sample_seqs, samples):
+            req = touched[seq.request_id] = self.requests[seq.request_id]
+            if req.error is not None:  # an earlier sample of this request already failed it
+                continue
+            try:
+                if isinstance(sample, Exception):
+                    raise sample
+                self._append(seq, *sample)
+                if self.faults is not None:
+                    self.faults.on_token(req.fault_text)
+            except Exception as e:
+                self._fail_request(req, e)
             req.metrics.first_token_time = req.metrics.first_token_time or now
-            touched[seq.request_id] = req
         self.num_generation_tokens += len(sample_seqs)
         results = []
         for req in touched.values():
             if req.finished:
                 req.metrics.finished_time = now
                 del self.requests[req.request_id]
-            results.append(self._output(req))
+            results.append(self._delta(req))
         return results
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple | Exception]:
+        """(token, logprob, top logprobs) per row, sampled as one batch. If the batch fails, each row is
+        sampled alone, so that a row at fault fails only its own request (its entry is the exception)."""
+        try:
+            return self._sample_rows(logits, seqs)
+        except Exception as e:
+            if len(seqs) == 1:
+                return [e]
+            logger.warning("batched sampling failed (%s); sampling the %d rows one by one", e, len(seqs))
+        results: list[tuple | Exception] = []
+        for i, seq in enumerate(seqs):
+            try:
+                results += self._sample_rows(logits[i:i + 1], [seq])
+            except Exception as e:
+                results.append(e)
+        return results
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple]:
+        if self.faults is not None:
+            self.faults.on_sample([self.requests[s.request_id].fault_text for s in seqs])
+        params = [s.params for s in seqs]
+        states = None
+        if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
+            states = [self._penalty_state(s) for s in seqs]
+        meta = SamplingMetadata.build(
+            params, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
+            [s.generator for s in seqs], self.model_config.vocab_size, logits.device, states)
+        out: SamplerOutput = self.sampler(logits, meta)
+        return list(zip(out.token_ids, out.logprobs, out.top_logprobs))
+
+    def _penalty_state(self, seq: Sequence) -> PenaltyState:
+        if seq.penalty_state is None:
+            seq.penalty_state = PenaltyState(seq.prompt_token_ids, self.model_config.vocab_size,
+                                             self.runner.device)
+        return seq.penalty_state
 
     def _append(self, seq: Sequence, token: int, logprob: float, top: list[tuple[int, float]] | None) -> None:
         seq.append_token(token)
@@ -214,39 +250,59 @@ class LLMEngine:
             seq.logprobs.append(entry)
         params = seq.params
         num_out = len(seq.output_token_ids)
-        stop_token = num_out >= params.min_tokens and (
-            token in params.all_stop_token_ids or token in params.stop_token_ids)
-        if stop_token:
+        # Stops of any kind count only once min_tokens are out (the sampler masks stop tokens until then).
+        may_stop = num_out >= params.min_tokens
+        if may_stop and (token in params.all_stop_token_ids or token in params.stop_token_ids):
             reason = None if token in params.all_stop_token_ids else token
             if params.include_stop_str_in_output and seq.detokenizer:
                 seq.detokenizer.append([token])
             self._finish(seq, "stop", reason)
             return
-        stop_str = seq.detokenizer.append([token]) if seq.detokenizer else None
-        if stop_str is not None and num_out >= params.min_tokens:
+        stop_str = seq.detokenizer.append([token], check_stops=may_stop) if seq.detokenizer else None
+        if stop_str is not None:
             self._finish(seq, "stop", stop_str)
         elif num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length", None)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
-        if seq.detokenizer and not isinstance(stop_reason, str):
-            # Releasing held-back bytes can complete a stop string after all.
-            late_stop = seq.detokenizer.finish()
-            if late_stop is not None and reason != "abort":
-                reason, stop_reason = "stop", late_stop
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
-        self.scheduler.finish(seq)
-        self.finished_reasons[reason] = self.finished_reasons.get(reason, 0) + 1
+        try:
+            if seq.detokenizer and not isinstance(stop_reason, str) and reason != "error":
+                # Releasing held-back bytes can complete a stop string after all.
+                late_stop = seq.detokenizer.finish()
+                if late_stop is not None and reason != "abort":
+                    reason, stop_reason = "stop", late_stop
+        finally:  # whatever the detokenizer did, the sequence ends and its blocks come back
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+            self.scheduler.finish(seq)
+            self.finished_reasons[reason] = self.finished_reasons.get(reason, 0) + 1
 
-    def _output(self, req: _Request) -> RequestOutput:
-        outs = [CompletionOutput(
-            index=s.index, text=s.detokenizer.output_text if s.detokenizer else "",
-            token_ids=list(s.output_token_ids),
-            cumulative_logprob=s.cumulative_logprob if s.params.logprobs is not None else None,
-            logprobs=list(s.logprobs) if s.logprobs is not None else None,
-            finish_reason=s.finish_reason, stop_reason=s.stop_reason) for s in req.seqs]
+    def _fail_request(self, req: _Request, error: Exception) -> None:
+        """End every sequence of req with finish_reason "error"; nothing else is touched."""
+        logger.error("request %s failed: %s: %s", req.request_id, type(error).__name__, error)
+        req.error = f"request {req.request_id} failed: {type(error).__name__}: {error}"
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self._finish(seq, "error", None)
+            elif not seq.finish_sent:  # finished in this very step, before the failure
+                seq.finish_reason, seq.stop_reason = "error", None
+
+    def _delta(self, req: _Request) -> RequestOutput:
+        """What each sample of req gained since its last delta; samples that gained nothing are left out."""
+        outs = []
+        for s in req.seqs:
+            new_tokens = s.output_token_ids[s.num_sent_tokens:]
+            text = s.detokenizer.take_text() if s.detokenizer and req.error is None else ""
+            finish_new = s.is_finished and not s.finish_sent
+            if not (new_tokens or text or finish_new):
+                continue
+            outs.append(CompletionOutput(
+                index=s.index, text=text, token_ids=new_tokens,
+                cumulative_logprob=s.cumulative_logprob if s.params.logprobs is not None else None,
+                logprobs=s.logprobs[s.num_sent_tokens:] if s.logprobs is not None else None,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason))
+            s.num_sent_tokens, s.finish_sent = len(s.output_token_ids), s.is_finished
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
-                             req.metrics, num_cached_tokens=req.seqs[0].num_cached_tokens)
+                             req.metrics, num_cached_tokens=req.seqs[0].num_cached_tokens, error=req.error)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

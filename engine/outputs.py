@@ -1,4 +1,9 @@
-"""What the engine hands back: RequestOutput with one CompletionOutput per sample (vLLM's shape)."""
+"""What the engine hands back: RequestOutput with one CompletionOutput per sample (vLLM's shape).
+
+The engine emits deltas: each RequestOutput carries only what its samples gained in that step (new
+text, new token ids, new logprobs), so a step's output work is O(batch), not O(tokens generated so
+far). Consumers that want the whole result fold the deltas with RequestOutput.add.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,7 +11,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class CompletionOutput:
-    """One generated sequence of a request."""
+    """One generated sequence of a request (or what it gained in one step)."""
 
     index: int
     text: str
@@ -14,11 +19,20 @@ class CompletionOutput:
     cumulative_logprob: float | None
     # Per generated token: {token_id: logprob} holding the chosen token and the top-N; None if not asked.
     logprobs: list[dict[int, float]] | None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop string or token id that ended it
 
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def add(self, delta: CompletionOutput) -> None:
+        """Append a later delta of the same sample."""
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        self.cumulative_logprob = delta.cumulative_logprob
+        self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
 
 
 @dataclass
@@ -31,7 +45,9 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """The state of one request after a step: cumulative text and tokens of each of its samples."""
+    """A request's samples after a step. From the engine: a delta holding only the samples that advanced,
+    each with only its new tokens. `error` is set when processing this request failed (finish_reason
+    "error"); other requests are unaffected."""
 
     request_id: str
     prompt: str | None
@@ -40,3 +56,23 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics = field(repr=False, default=None)
     num_cached_tokens: int = 0
+    error: str | None = None
+
+    def add(self, delta: RequestOutput) -> None:
+        """Fold a later delta of the same request into this one (which then holds the whole result)."""
+        by_index = {o.index: o for o in self.outputs}
+        for d in delta.outputs:
+            if d.index in by_index:
+                by_index[d.index].add(d)
+            else:
+                by_index[d.index] = CompletionOutput(d.index, d.text, list(d.token_ids), d.cumulative_logprob,
+                                                     list(d.logprobs) if d.logprobs is not None else None,
+                                                     d.finish_reason, d.stop_reason)
+        self.outputs = sorted(by_index.values(), key=lambda o: o.index)
+        self.finished, self.error = delta.finished, delta.error or self.error
+        self.metrics, self.num_cached_tokens = delta.metrics, delta.num_cached_tokens
+
+    @classmethod
+    def empty(cls, delta: RequestOutput) -> RequestOutput:
+        """An accumulator for the request `delta` belongs to."""
+        return cls(delta.request_id, delta.prompt, delta.prompt_token_ids, [], False, delta.metrics)

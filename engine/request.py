@@ -10,6 +10,7 @@ from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from .detokenizer import IncrementalDetokenizer
+    from .sampler import PenaltyState
 
 
 class Status(enum.Enum):
@@ -49,6 +50,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        self.num_sent_tokens = 0  # output tokens already handed out in a delta
+        self.finish_sent = False  # the delta carrying finish_reason has gone out
+        self.penalty_state: PenaltyState | None = None  # made on first use by a penalty
 
     @property
     def num_tokens(self) -> int:

@@ -14,26 +14,24 @@ import torch
 from engine.sampling_params import SamplingParams
 
 
-def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
-    width = max((len(r) for r in rows), default=0)
-    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long,
-                        device=device).reshape(len(rows), width)
+class PenaltyState:
+    """One sequence's token statistics for the penalties, kept across steps so that a step costs
+    O(new tokens) rather than O(prompt + output): the prompt's presence mask is built once, and the
+    output counts grow by the tokens sampled since the last step."""
 
+    def __init__(self, prompt_token_ids: list[int], vocab_size: int, device: torch.device):
+        self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        ids = [t for t in prompt_token_ids if 0 <= t < vocab_size]
+        self.prompt_mask[torch.tensor(ids, dtype=torch.long, device=device)] = True
+        self.output_counts = torch.zeros(vocab_size, device=device)
+        self.num_counted = 0
 
-def _token_counts(rows: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[batch, vocab] float32 count of each token id in each row."""
-    ids = _padded(rows, vocab_size, device)  # padding lands in an extra column, dropped below
-    counts = torch.zeros(len(rows), vocab_size + 1, device=device)
-    counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
-    return counts[:, :vocab_size]
-
-
-def _token_presence(rows: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[batch, vocab] bool: does the token id occur in the row."""
-    ids = _padded(rows, vocab_size, device)
-    seen = torch.zeros(len(rows), vocab_size + 1, dtype=torch.bool, device=device)
-    seen.scatter_(1, ids, True)
-    return seen[:, :vocab_size]
+    def update(self, output_token_ids: list[int]) -> None:
+        new = output_token_ids[self.num_counted:]
+        if new:
+            ids = torch.tensor(new, dtype=torch.long, device=self.output_counts.device)
+            self.output_counts.index_add_(0, ids, torch.ones(len(new), device=ids.device))
+        self.num_counted = len(output_token_ids)
 
 
 @dataclass
@@ -65,7 +63,9 @@ class SamplingMetadata:
     @classmethod
     def build(cls, params: list[SamplingParams], prompt_token_ids: list[list[int]],
               output_token_ids: list[list[int]], generators: list[torch.Generator | None],
-              vocab_size: int, device: torch.device) -> "SamplingMetadata":
+              vocab_size: int, device: torch.device,
+              penalty_states: list[PenaltyState] | None = None) -> SamplingMetadata:
+        """penalty_states: one per row, kept by the caller across steps; made afresh if not given."""
         batch = len(params)
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == batch):
             raise ValueError("params, prompt_token_ids, output_token_ids and generators "
@@ -111,12 +111,14 @@ class SamplingMetadata:
         pres = [p.presence_penalty for p in params]
         use_rep = any(r != 1.0 for r in reps)
         use_freq_pres = any(f != 0.0 for f in freqs) or any(q != 0.0 for q in pres)
-        output_counts = (_token_counts(output_token_ids, vocab_size, device)
-                         if use_rep or use_freq_pres else None)
-        repetition_mask = None
-        if use_rep:
-            repetition_mask = _token_presence(prompt_token_ids, vocab_size, device)
-            repetition_mask |= output_counts > 0
+        output_counts = repetition_mask = None
+        if use_rep or use_freq_pres:
+            states = penalty_states or [PenaltyState(ids, vocab_size, device) for ids in prompt_token_ids]
+            for state, out in zip(states, output_token_ids):
+                state.update(out)
+            output_counts = torch.stack([s.output_counts for s in states])
+            if use_rep:
+                repetition_mask = torch.stack([s.prompt_mask for s in states]) | (output_counts > 0)
 
         num_logprobs = [p.logprobs for p in params]
         return cls(

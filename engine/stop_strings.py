@@ -48,9 +48,11 @@ class StopMatcher:
         # Held-back characters, one per item, so releasing k of them costs O(k) however many are held.
         self._held: deque[str] = deque()
 
-    def feed(self, text: str) -> tuple[str, str | None]:
+    def feed(self, text: str, match: bool = True) -> tuple[str, str | None]:
         """Add newly generated text; returns (text now safe to release, matched stop or None).
 
+        With match False (min_tokens not reached yet) a stop ending in this text does not count: the
+        automaton steps past it, so only stops that end in later text can stop generation.
         After a match nothing is held and the matcher must not be fed again.
         """
         if not self._stops:  # the common case: no per-character work
@@ -63,9 +65,12 @@ class StopMatcher:
                     q = fail[q - 1]
                 if stop[q] == ch:
                     q += 1
+                if q == len(stop):
+                    if not match:
+                        q = fail[q - 1]  # ignore this occurrence; keep its longest border
+                    elif best is None or q > len(best):
+                        best = stop
                 self._state[k] = q
-                if q == len(stop) and (best is None or q > len(best)):
-                    best = stop
             if best is not None:
                 # The stop fits in held + text[:end]: each state is at most the held length
                 # when this feed began, plus one per character fed since.

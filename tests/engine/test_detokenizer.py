@@ -223,7 +223,7 @@ def test_long_stop_string_prefix_is_held_and_each_character_matched_once(tokeniz
     ids = tokenizer.encode(TEXT, add_special_tokens=False) * 5
     detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(stop=[stop]))
     fed, feed = [], detok._stops.feed
-    detok._stops.feed = lambda text: (fed.append(text), feed(text))[1]
+    detok._stops.feed = lambda text, match=True: (fed.append(text), feed(text, match))[1]
     texts = []
     for i in ids:
         assert detok.append([i]) is None
