@@ -11,6 +11,10 @@ import httpx
 import uvicorn
 
 from engine.async_engine import AsyncLLMEngine
+from engine.config import EngineConfig, ModelConfig
+from engine.limits import RequestLimits
+from engine.llm_engine import EngineStats
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 API_KEY = "test-key-123"
 
@@ -67,12 +71,102 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool
 
 def engine_generate(engine: AsyncLLMEngine, prompt, **params):
     """The oracle for the HTTP layer: the same engine driven directly, without HTTP."""
+    from engine.outputs import RequestOutput
     from engine.sampling_params import SamplingParams
 
     async def go():
         final = None
-        async for out in engine.generate(f"oracle-{time.time_ns()}", prompt, SamplingParams(**params)):
-            final = out
+        async for delta in engine.generate(f"oracle-{time.time_ns()}", prompt, SamplingParams(**params)):
+            final = final or RequestOutput.empty(delta)
+            final.add(delta)
         return final
 
     return asyncio.run(go())
+
+
+class ServeProcess:
+    """`tokenmill serve ARGS` in a subprocess on a free port, as a user runs it; its log goes to a file
+    (a full pipe would block the server)."""
+
+    def __init__(self, args: list[str], log_path, env: dict | None = None, headers: dict | None = None):
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        repo = Path(__file__).resolve().parents[2]
+        self.port = free_port()
+        self.log_file = open(log_path, "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), **(env or {})}, stdout=self.log_file,
+            stderr=subprocess.STDOUT, text=True)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers=headers, timeout=120)
+
+    def __enter__(self) -> ServeProcess:
+        def up() -> bool:
+            try:
+                return self.client.get("/health").status_code == 200
+            except httpx.TransportError:
+                return self.proc.poll() is not None
+        assert wait_until(up, timeout=180, interval=0.3) and self.proc.poll() is None, self.log()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.log_file.close()
+
+    def log(self) -> str:
+        self.log_file.flush()
+        self.log_file.seek(0)
+        return self.log_file.read()
+
+
+class ScriptedEngine:
+    """Just enough of LLMEngine: each step gives every request one token; faults on demand."""
+
+    def __init__(self, max_num_seqs: int = 4, max_waiting_seqs: int = 2):
+        self.config = EngineConfig(max_num_seqs=max_num_seqs, limits=RequestLimits(max_waiting_seqs=max_waiting_seqs))
+        self.model_config = ModelConfig("LlamaForCausalLM", 100, 8, 16, 1, 1, 1, 8, 64)
+        self.max_model_len = 64
+        self.requests: dict[str, list] = {}
+        self.fail_step = threading.Event()
+        self.fail_abort = threading.Event()
+        self.added: list[str] = []
+
+    def get_tokenizer(self):
+        return None
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, len(self.requests), 0.0, 0, 0, 0, 0, 0)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def add_request(self, request_id, prompt, params, arrival_time=None):
+        self.added.append(request_id)
+        self.requests[request_id] = [params.max_tokens, 0]
+
+    def abort_request(self, request_ids):
+        if self.fail_abort.is_set():
+            raise AssertionError("block freed twice")
+        for rid in request_ids:
+            self.requests.pop(rid, None)
+
+    def step(self):
+        if self.fail_step.is_set():
+            raise RuntimeError("device lost")
+        outs = []
+        for rid, state in list(self.requests.items()):
+            state[1] += 1
+            done = state[1] >= state[0]
+            if done:
+                del self.requests[rid]
+            outs.append(RequestOutput(rid, None, [1], [CompletionOutput(0, "x", [7], None, None,
+                                                                        "length" if done else None)],
+                                      done, RequestMetrics(0.0)))
+        threading.Event().wait(0.01)
+        return outs

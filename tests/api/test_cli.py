@@ -5,16 +5,12 @@ to reach. The SIGTERM test stops it, so it comes last among the tests that use i
 """
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
-import httpx
 import pytest
-from api_helpers import free_port, wait_until
+from api_helpers import ServeProcess, wait_until
 
 from api.cli import build_parser, engine_config, main, parse_size
 
@@ -24,34 +20,11 @@ KEY = "env-key"
 
 @pytest.fixture(scope="module")
 def cli_server(tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("cli") / "server.log", "w+")  # a file: a full pipe would block the server
-    env = {**os.environ, "TOKENMILL_API_KEY": KEY, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--kv-cache-memory", "64MiB", "--max-model-len", "512", "--max-num-seqs", "1", "--max-queue-len", "1",
-         "--served-model-name", "tiny"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
-
-    def up() -> bool:
-        try:
-            return client.get("/health").status_code == 200
-        except httpx.TransportError:
-            return proc.poll() is not None
-    assert wait_until(up, timeout=180, interval=0.3) and proc.poll() is None, server_log(log)
-    yield proc, client, log
-    client.close()
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-    log.close()
-
-
-def server_log(log) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read()
+    args = ["--dtype", "float32", "--kv-cache-memory", "64MiB", "--max-model-len", "512", "--max-num-seqs", "1",
+            "--max-queue-len", "1", "--served-model-name", "tiny"]
+    with ServeProcess(args, tmp_path_factory.mktemp("cli") / "server.log", env={"TOKENMILL_API_KEY": KEY},
+                      headers={"Authorization": f"Bearer {KEY}"}) as server:
+        yield server.proc, server.client, server
 
 
 def test_flags_and_env_configure_the_server(cli_server):
@@ -72,6 +45,7 @@ def test_over_the_queue_limit_is_a_503(cli_server):
     assert wait_until(lambda: "tokenmill:num_requests_waiting{model_name=\"tiny\"} 1.0" in client.get("/metrics").text)
     third = client.post("/v1/completions", json=body)
     assert third.status_code == 503 and third.json()["error"]["code"] == "overloaded"
+    assert int(third.headers["retry-after"]) >= 1
     assert "--max-queue-len 1" in third.json()["error"]["message"]
     for t in threads:
         t.join()
@@ -95,7 +69,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(cli_server):
     assert proc.wait(60) == 0
     events = result["events"]
     assert events[-1] == "data: [DONE]" and '"finish_reason":"length"' in events[-2]
-    assert "request cmpl-" in server_log(log)  # the per-request log line
+    assert "request cmpl-" in log.log()  # the per-request log line
 
 
 def test_serve_help_documents_every_option(capsys):

@@ -5,7 +5,6 @@ import threading
 
 import openai
 import pytest
-
 from api_helpers import API_KEY, scrape, wait_until
 
 MSG = [{"role": "user", "content": "hi"}]

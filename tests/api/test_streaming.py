@@ -5,7 +5,6 @@ import json
 import logging
 
 import httpx
-
 from api_helpers import scrape, wait_until
 
 CHAT = {"messages": [{"role": "user", "content": "Tell me a story."}], "temperature": 0, "max_tokens": 8}
