@@ -43,7 +43,7 @@ class ModelConfig:
     max_position_embeddings: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
+    rope_scaling: dict | None = None  # as Hugging Face's; a GGUF's rope_freqs come as rope_type freq_factors
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v bias (Qwen2; Llama and Qwen3 also put one on o_proj)
     qk_norm: bool = False  # per-head RMSNorm of q and k (Qwen3)

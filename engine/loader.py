@@ -9,7 +9,8 @@ import functools
 import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,6 +90,27 @@ def _undo_rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _gguf_rope_scaling(field: Callable[..., Any], arch: str, head_dim: int,
+                       rope_freqs: np.ndarray | None) -> dict | None:
+    """GGUF's rope scaling as a rope_scaling dict (None: plain rope), or ValueError if we cannot run it."""
+    rope_dim = field(f"{arch}.rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        raise ValueError(f"GGUF rotates {rope_dim} of {head_dim} head dimensions ({arch}.rope.dimension_count); "
+                         "partial rotary embedding is not supported")
+    kind = field(f"{arch}.rope.scaling.type", "linear")  # llama.cpp's default when only a factor is given
+    if kind not in ("none", "linear"):
+        raise ValueError(f"GGUF rope scaling type {kind!r} ({arch}.rope.scaling.type) is not supported; "
+                         "supported: none, linear")
+    factor = field(f"{arch}.rope.scaling.factor", 1.0) if kind == "linear" else 1.0
+    if rope_freqs is not None:
+        # llama.cpp's converter bakes Llama 3's scaling into one divisor per frequency; as llama.cpp
+        # does, a linear factor divides on top of it.
+        if rope_freqs.shape != (head_dim // 2,):
+            raise ValueError(f"GGUF rope_freqs.weight has shape {rope_freqs.shape}; expected ({head_dim // 2},)")
+        return {"rope_type": "freq_factors", "freq_factors": [float(f) * factor for f in rope_freqs]}
+    return {"rope_type": "linear", "factor": factor} if factor != 1.0 else None
+
+
 def _load_gguf(path: str):
     import gguf
 
@@ -98,41 +120,47 @@ def _load_gguf(path: str):
         f = reader.fields.get(key)
         return default if f is None else f.contents()
 
+    def dequantize(t) -> np.ndarray:  # a writable float32 copy in PyTorch's dimension order
+        w = gguf.quants.dequantize(t.data, t.tensor_type)  # the arithmetic transformers uses
+        return np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+
     arch = field("general.architecture")
     if arch not in _GGUF_ARCHS:
         raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(_GGUF_ARCHS)}")
-    names = {t.name for t in reader.tensors}
+    tensors = {t.name: t for t in reader.tensors}
+    rope_freqs = tensors.pop("rope_freqs.weight", None)  # rope parameters, not a module's weight
     heads = field(f"{arch}.attention.head_count")
-    embd = reader.tensors[[t.name for t in reader.tensors].index("token_embd.weight")]
+    head_dim = field(f"{arch}.attention.key_length") or field(f"{arch}.embedding_length") // heads
     eos = field("tokenizer.ggml.eos_token_id")
     cfg = ModelConfig(
         architecture=_GGUF_ARCHS[arch],
-        vocab_size=field(f"{arch}.vocab_size") or int(embd.shape[1]),
+        vocab_size=field(f"{arch}.vocab_size") or int(tensors["token_embd.weight"].shape[1]),
         hidden_size=field(f"{arch}.embedding_length"),
         intermediate_size=field(f"{arch}.feed_forward_length"),
         num_hidden_layers=field(f"{arch}.block_count"),
         num_attention_heads=heads,
         num_key_value_heads=field(f"{arch}.attention.head_count_kv", heads),
-        head_dim=field(f"{arch}.attention.key_length") or field(f"{arch}.embedding_length") // heads,
+        head_dim=head_dim,
         max_position_embeddings=field(f"{arch}.context_length", 2048),
         rms_norm_eps=field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         rope_theta=field(f"{arch}.rope.freq_base", 10000.0),
-        tie_word_embeddings="output.weight" not in names,
-        attention_bias=any(n.endswith("attn_q.bias") for n in names),
-        qk_norm=any("attn_q_norm" in n for n in names),
+        rope_scaling=_gguf_rope_scaling(field, arch, head_dim,
+                                        None if rope_freqs is None else dequantize(rope_freqs)),
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias=any(n.endswith("attn_q.bias") for n in tensors),
+        qk_norm=any("attn_q_norm" in n for n in tensors),
         bos_token_id=field("tokenizer.ggml.bos_token_id"),
         eos_token_id=[] if eos is None else [eos],
         name=field("general.name") or os.path.basename(path),
     )
 
     def weights() -> WeightIter:
-        for t in reader.tensors:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)  # the arithmetic transformers uses
-            w = np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])  # a writable copy
-            if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
-                n = cfg.num_attention_heads if "attn_q" in t.name else cfg.num_key_value_heads
+        for name, t in tensors.items():
+            w = dequantize(t)
+            if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+                n = cfg.num_attention_heads if "attn_q" in name else cfg.num_key_value_heads
                 w = _undo_rope_permute(w, n)
-            yield _gguf_hf_name(t.name), torch.from_numpy(np.ascontiguousarray(w))
+            yield _gguf_hf_name(name), torch.from_numpy(np.ascontiguousarray(w))
 
     return cfg, load_gguf_tokenizer(path), weights()
 

@@ -43,7 +43,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    """Rotary inverse frequencies, with Llama 3's long-context rescaling when configured."""
+    """Rotary inverse frequencies, rescaled as configured: Llama 3's long-context scaling, linear
+    (position interpolation), or freq_factors (one divisor per frequency, as a GGUF's rope_freqs)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
     if kind == "llama3":
@@ -57,8 +58,12 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "freq_factors":
+        inv_freq = inv_freq / torch.tensor(scaling["freq_factors"], dtype=torch.float32)
     elif kind not in (None, "default"):
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: llama3)")
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: llama3, linear, freq_factors)")
     return inv_freq
 
 
