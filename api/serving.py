@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
 from engine.engine_client import (EngineClient, EngineDeadError, EngineOverloadedError, EngineStoppedError,
                                   RequestFailedError, RequestStream)
@@ -234,10 +234,11 @@ def sse_response(chunks: AsyncIterator[BaseModel], request_id: str, ping_s: floa
     return EventSourceResponse(_sse_events(chunks, request_id), ping=ping_s, sep="\n")
 
 
-async def _sse_events(chunks: AsyncIterator[BaseModel], request_id: str) -> AsyncIterator[ServerSentEvent]:
+async def _sse_events(chunks: AsyncIterator[BaseModel], request_id: str) -> AsyncIterator[dict]:
+    # Plain dicts take the response's separator ("\n", as OpenAI's own streams use).
     try:
         async for chunk in chunks:
-            yield ServerSentEvent(data=chunk.model_dump_json())
+            yield {"data": chunk.model_dump_json()}
     except EngineOverloadedError as e:
         yield _error_event(ErrorInfo(message=str(e), type="server_error", code="overloaded"))
     except (EngineStoppedError, EngineDeadError) as e:
@@ -248,11 +249,11 @@ async def _sse_events(chunks: AsyncIterator[BaseModel], request_id: str) -> Asyn
         logger.exception("internal error in request %s", request_id)
         yield _error_event(ErrorInfo(message=f"internal server error (request id {request_id})",
                                      type="server_error"))
-    yield ServerSentEvent(data="[DONE]")
+    yield {"data": "[DONE]"}
 
 
-def _error_event(info: ErrorInfo) -> ServerSentEvent:
-    return ServerSentEvent(data=ErrorResponse(error=info).model_dump_json())
+def _error_event(info: ErrorInfo) -> dict:
+    return {"data": ErrorResponse(error=info).model_dump_json()}
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:
