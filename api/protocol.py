@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, TypeAdapter, field_validator,
+                      model_validator)
 
 logger = logging.getLogger("tokenmill.api")
 
@@ -88,8 +89,19 @@ def _check_prompt(value: Any) -> Any:
     return value
 
 
+# The schema of what _check_prompt accepts. Validation stays there: as a pydantic union, lax mode
+# would coerce values (1.0 into a token id) that the check rejects.
+_PROMPT_SCHEMA = {"anyOf": [
+    {"type": "string"},
+    {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+    {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+     "minItems": 1},
+]}
+
+
 class CompletionRequest(SamplingFields):
-    prompt: Any
+    prompt: Any = Field(json_schema_extra=_PROMPT_SCHEMA)
     max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -100,6 +112,10 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatMessage(OpenAIModel):
+    # For the schema, what _content_required checks: only an assistant message may go without content.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"role": {"const": "assistant"}}},
+        "else": {"properties": {"content": {"type": "string"}}, "required": ["content"]}})
     # "developer" is OpenAI's newer name for "system"; it reaches the chat template as "system".
     role: Literal["system", "developer", "user", "assistant"]
     content: str | None = None  # OpenAI allows null on an assistant message (one that called tools)
@@ -273,3 +289,62 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: str = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+# ---- OpenAPI declarations ----------------------------------------------------------------------
+# Responses the routes declare beyond their return models, for the schema that clients and the fuzz test read.
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description, **({"headers": headers} if headers else {})}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _error("Invalid request: a bad value, type or JSON body (validation errors included)"),
+    401: _error("Missing or incorrect API key"),
+    404: _error("Unknown model"),
+    500: _error("Internal server error (a bug; the server log has the details under the request id)"),
+    503: _error("Overloaded (too many requests wait for a batch slot) or shutting down; retry later",
+                {"Retry-After": {"description": "Seconds to wait before retrying", "required": False,
+                                 "schema": {"type": "integer"}}}),
+    # Every other client error (405, ...) is the same object. Declaring the range also keeps FastAPI
+    # from documenting its 422, which the server never sends: validation errors are 400s.
+    "4XX": _error("Other client errors"),
+}
+
+
+def _sse_content(*events: type[BaseModel]) -> dict[str, Any]:
+    """text/event-stream as OpenAI frames it: `data: <JSON>` events (one of `events`), then `data: [DONE]`.
+
+    The events' schemas are inlined: FastAPI lists only the models that routes declare among the
+    schema's components, and the chunk models are declared nowhere else.
+    """
+    schema = TypeAdapter(Union[events]).json_schema(mode="serialization")
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            return inline(defs[node["$ref"].rsplit("/", 1)[1]]) if "$ref" in node else {
+                k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    data = {"anyOf": [{"const": "[DONE]"},
+                      {"type": "string", "contentMediaType": "application/json", "contentSchema": inline(schema)}]}
+    return {"text/event-stream": {"itemSchema": {"type": "object", "required": ["data"],
+                                                 "properties": {"data": data}}}}
+
+
+def generate_responses(stream_chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """A generate route's responses: the route's JSON model, or with stream=true an event stream of
+    `stream_chunk`s (and an error event if generation fails after the status line)."""
+    return {200: {"description": "The response; with stream=true, an event stream of chunks",
+                  "content": _sse_content(stream_chunk, ErrorResponse)}, **ERROR_RESPONSES}

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.routing import APIRoute
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sse_starlette.sse import AppStatus
@@ -23,8 +23,10 @@ from engine.engine_client import EngineClient
 
 from .errors import EXPECTED_ERRORS, APIError, bad_request, install_error_handlers, internal_error
 from .metrics import ServerMetrics
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
-                       TokenizeRequest)
+from .protocol import (ERROR_RESPONSES, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                       CompletionChunk, CompletionRequest, CompletionResponse, DetokenizeRequest,
+                       DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+                       generate_responses)
 from .serving import OpenAIServing
 from .serving_chat import ServingChat
 from .serving_completions import ServingCompletions
@@ -91,15 +93,18 @@ def build_app(engine: EngineClient, served_model_name: str | None = None, api_ke
     app = FastAPI(title="tokenmill", lifespan=lifespan, dependencies=[Depends(_set_request_id)])
     install_error_handlers(app)
 
-    @app.get("/health")
+    # response_class only documents the bodies (none, and Prometheus text); the handlers build their own.
+    @app.get("/health", response_class=Response,
+             responses={200: {"description": "The engine runs"}, 503: {"description": "The engine does not run"}})
     async def health() -> Response:
         return Response(status_code=200 if engine.is_running else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    api = APIRouter(dependencies=[Depends(_api_key_check(api_key))], route_class=_Route)
+    api = APIRouter(dependencies=[Depends(_api_key_check(api_key))], route_class=_Route,
+                    responses=ERROR_RESPONSES)
     card = ModelCard(id=model_name, created=created, root=engine.config.model,
                      max_model_len=serving.max_model_len)
 
@@ -112,31 +117,32 @@ def build_app(engine: EngineClient, served_model_name: str | None = None, api_ke
         serving.check_model(model)
         return card
 
-    @api.post("/v1/completions", response_model=None)
+    @api.post("/v1/completions", response_model=CompletionResponse, responses=generate_responses(CompletionChunk))
     async def create_completion(req: CompletionRequest, raw: Request):
         return await completions.create(req, raw)
 
-    @api.post("/v1/chat/completions", response_model=None)
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses=generate_responses(ChatCompletionChunk))
     async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
         return await chat.create(req, raw)
 
     @api.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> dict:
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
         serving.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of prompt or messages")
         tokens = (await serving.chat_prompt(req.messages, req.add_generation_prompt) if req.messages is not None
                   else await engine.encode(req.prompt, add_special_tokens=req.add_special_tokens))
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": serving.max_model_len}
+        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=serving.max_model_len)
 
     @api.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest) -> dict:
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
         serving.check_model(req.model)
         bad = [t for t in req.tokens if not 0 <= t < serving.vocab_size]
         if bad:
             raise bad_request(f"tokens: token id {bad[0]} is outside the vocabulary [0, {serving.vocab_size})",
                               "tokens")
-        return {"prompt": await engine.decode(req.tokens)}
+        return DetokenizeResponse(prompt=await engine.decode(req.tokens))
 
     app.include_router(api)
     return app
