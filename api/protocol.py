@@ -313,7 +313,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: _error("Missing or incorrect API key"),
     404: _error("Unknown model"),
     500: _error("Internal server error (a bug; the server log has the details under the request id)"),
-    503: _error("Overloaded (too many requests wait for a batch slot) or shutting down; retry later",
+    503: _error("Overloaded (the queue is full), shutting down, or the engine died; retry later",
                 {"Retry-After": {"description": "Seconds to wait before retrying", "required": False,
                                  "schema": {"type": "integer"}}}),
     # Every other client error (405, ...) is the same object. Declaring the range also keeps FastAPI

@@ -86,6 +86,7 @@ def test_soak_60s_leaves_no_violation(tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
              "--dtype", "float32", "--kv-cache-memory", "128MiB", "--max-num-seqs", "16", "--max-model-len", "1024",
+             "--max-queue-len", "4",  # small, so that overload answers (503 + Retry-After) occur
              "--api-key", KEY],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
