@@ -43,7 +43,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first schedule
         self.block_ids: list[int] = []
-        self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks
+        self.block_hashes: list[bytes] = []  # chained sha256 digests of this sequence's full blocks
         self.num_registered_blocks = 0  # leading blocks already in the prefix cache
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None

@@ -3,6 +3,9 @@
 Every step is one forward pass over a packed batch within max_num_batched_tokens and max_num_seqs.
 Running sequences go first (a decode is one token; an unfinished prefill continues in chunks), then
 waiting ones are admitted in arrival order, their prompts chunked to fit the remaining budget.
+A sequence's blocks become findable in the prefix cache as they are allocated, so a waiting sequence
+admitted later in the same step (another of a request's n samples, an equal prompt) shares the prefix
+that an earlier one computes in this very step.
 When the pool runs out of blocks, the newest running sequence is preempted: its blocks are released
 and it goes back to the front of the waiting queue, to be recomputed later (its prefix blocks are
 often still cached).
@@ -68,7 +71,9 @@ class Scheduler:
                 out.num_tokens.append(n)
                 budget -= n
                 i += 1
-        # Admitting new work right after a preemption would only thrash the pool.
+        # Admitting new work right after a preemption would only thrash the pool. Preemption happens
+        # only above, before any admission, and only to sequences not yet given blocks this step, so
+        # every block registered for this step is computed by it (see BlockManager._register_full_blocks).
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             cached = self.block_manager.find_cached_prefix(seq)

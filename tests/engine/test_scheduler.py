@@ -18,10 +18,31 @@ def check_invariants(sched: Scheduler, live: list[Sequence]) -> None:
     assert refs == bm.ref_counts, "reference counts disagree with the block tables"
     assert set(bm.free_queue) == {b for b in range(bm.num_blocks) if refs[b] == 0}, "free list leaks"
     for h, b in bm.cached.items():
-        assert bm.block_hash[b] == h
+        assert bm.block_hash[b] == h and bm.block_key[b] is not None
     for seq in live:
         if seq.status == Status.WAITING:
             assert seq.block_ids == [] and seq.num_computed_tokens == 0
+
+
+class KVCache:
+    """An oracle of what the paged cache holds: each slot records the token prefix whose KV was written
+    there. As in the model, a step writes all its tokens' KV before any sequence reads."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.slots: dict[int, tuple[int, ...]] = {}
+
+    def _slot(self, seq: Sequence, pos: int) -> int:
+        return seq.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def run_step(self, seqs: list[Sequence], num_tokens: list[int]) -> None:
+        for seq, n in zip(seqs, num_tokens):
+            for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
+                self.slots[self._slot(seq, pos)] = tuple(seq.token_ids[:pos + 1])
+        for seq, n in zip(seqs, num_tokens):
+            for pos in range(seq.num_computed_tokens + n):
+                assert self.slots.get(self._slot(seq, pos)) == tuple(seq.token_ids[:pos + 1]), \
+                    f"{seq.seq_id} attends to another prefix's KV at position {pos}"
 
 
 ops = st.lists(st.tuples(st.sampled_from(["add", "step", "step", "step", "abort"]),
@@ -39,6 +60,7 @@ def test_random_traffic_never_leaks_or_overruns_and_everything_finishes(
     live: list[Sequence] = []
     finished: list[Sequence] = []
     prefixes = [[1, 2, 3, 4, 5, 6, 7, 8] * 2, [9] * 12, []]
+    kv = KVCache(block_size)
 
     def step():
         out = sched.schedule()
@@ -47,8 +69,9 @@ def test_random_traffic_never_leaks_or_overruns_and_everything_finishes(
         for seq, n in zip(out.seqs, out.num_tokens):
             assert n >= 1 and seq.status == Status.RUNNING
             assert len(seq.block_ids) * block_size >= seq.num_computed_tokens + n
+        kv.run_step(out.seqs, out.num_tokens)
+        for seq, n in zip(out.seqs, out.num_tokens):
             seq.num_computed_tokens += n
-            bm.register_full_blocks(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 seq.append_token(seq.num_tokens % 50)
                 if len(seq.output_token_ids) >= seq.params.max_tokens:
@@ -64,9 +87,11 @@ def test_random_traffic_never_leaks_or_overruns_and_everything_finishes(
             max_tokens = rng.randint(1, 8)
             prompt = rng.choice(prefixes) + [rng.randint(0, 99) for _ in range(rng.randint(1, 20))]
             prompt = prompt[: max(1, capacity - max_tokens)]
-            seq = Sequence(str(arg), str(arg), 0, prompt, SamplingParams(max_tokens=max_tokens), None, None, 0.0)
-            sched.add(seq)
-            live.append(seq)
+            for i in range(rng.choice([1, 1, 2, 4])):  # n samples of one prompt, added together
+                seq = Sequence(f"{arg}#{i}", str(arg), i, prompt, SamplingParams(max_tokens=max_tokens),
+                               None, None, 0.0)
+                sched.add(seq)
+                live.append(seq)
         elif op == "abort" and live:
             seq = rng.choice(live)
             sched.finish(seq)
