@@ -177,7 +177,6 @@ class LLMEngine:
         logits, sample_seqs = self.runner.execute(sched)
         for seq, n in zip(sched.seqs, sched.num_tokens):
             seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
         if not sample_seqs:
             return []
         samples = self._sample(logits, sample_seqs)
