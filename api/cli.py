@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="context length in tokens (default: the model's, capped by the KV cache)")
-    serve.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default: %(default)s)")
+    serve.add_argument("--max-num-seqs", type=int, default=64,
+                       help="most sequences in one batch (default: %(default)s)")
     serve.add_argument("--max-num-batched-tokens", type=int, default=1024,
                        help="most tokens in one forward pass; longer prompts are prefilled in chunks "
                             "(default: %(default)s)")

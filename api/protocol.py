@@ -11,8 +11,15 @@ import logging
 import time
 from typing import Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, TypeAdapter, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 logger = logging.getLogger("tokenmill.api")
 
@@ -328,7 +335,7 @@ def _sse_content(*events: type[BaseModel]) -> dict[str, Any]:
     The events' schemas are inlined: FastAPI lists only the models that routes declare among the
     schema's components, and the chunk models are declared nowhere else.
     """
-    schema = TypeAdapter(Union[events]).json_schema(mode="serialization")
+    schema = TypeAdapter(Union[events]).json_schema(mode="serialization")  # noqa: UP007 - a run-time tuple
     defs = schema.pop("$defs", {})
 
     def inline(node: Any) -> Any:

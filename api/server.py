@@ -11,10 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.routing import APIRoute
 from fastapi.responses import PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from sse_starlette.sse import AppStatus
 
 from engine.async_engine import AsyncLLMEngine
@@ -23,10 +22,22 @@ from engine.engine_client import EngineClient
 
 from .errors import EXPECTED_ERRORS, APIError, bad_request, install_error_handlers, internal_error
 from .metrics import ServerMetrics
-from .protocol import (ERROR_RESPONSES, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                       CompletionChunk, CompletionRequest, CompletionResponse, DetokenizeRequest,
-                       DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
-                       generate_responses)
+from .protocol import (
+    ERROR_RESPONSES,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    generate_responses,
+)
 from .serving import OpenAIServing
 from .serving_chat import ServingChat
 from .serving_completions import ServingCompletions

@@ -20,8 +20,14 @@ from fastapi import Request
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
-from engine.engine_client import (EngineClient, EngineDeadError, EngineOverloadedError, EngineStoppedError,
-                                  RequestFailedError, RequestStream)
+from engine.engine_client import (
+    EngineClient,
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineStoppedError,
+    RequestFailedError,
+    RequestStream,
+)
 from engine.limits import InvalidRequestError
 from engine.llm_engine import PromptType
 from engine.outputs import RequestOutput
@@ -108,7 +114,8 @@ class OpenAIServing:
             raise bad_request(f"{prompt_field}: {len(prompts)} prompts given, the limit is {limit}", prompt_field)
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         results = await asyncio.gather(
-            *(self.engine.add_request(rid, p, params, arrival_time, prompt_field) for rid, p in zip(ids, prompts)),
+            *(self.engine.add_request(rid, p, params, arrival_time, prompt_field)
+              for rid, p in zip(ids, prompts, strict=True)),
             return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
@@ -199,7 +206,7 @@ class OpenAIServing:
     def token_logprobs(self, token_ids: list[int], entries: list[dict[int, float]], top_n: int) -> list[TokenLogprob]:
         """The chosen token's logprob and the top_n alternatives, with tokens as text."""
         result = []
-        for token, entry in zip(token_ids, entries):
+        for token, entry in zip(token_ids, entries, strict=False):
             top = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
             result.append(TokenLogprob(self.decode_token(token), entry[token],
                                        [(self.decode_token(t), lp) for t, lp in top]))

@@ -11,9 +11,19 @@ from fastapi.responses import Response
 from engine.async_engine import RequestStream
 
 from .errors import bad_request
-from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-                       ChatCompletionResponse, ChatLogprobs, ChatResponseMessage, ChatTokenLogprob,
-                       DeltaMessage, TopLogprob, UsageInfo)
+from .protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    DeltaMessage,
+    TopLogprob,
+    UsageInfo,
+)
 from .serving import OpenAIServing, cancel_on_disconnect, check_stream_options, sse_response, stream_usage_flags
 
 

@@ -11,7 +11,14 @@ from fastapi.responses import Response
 from engine.async_engine import RequestStream
 
 from .errors import bad_request
-from .protocol import CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
+from .protocol import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
 from .serving import OpenAIServing, cancel_on_disconnect, check_stream_options, sse_response, stream_usage_flags
 
 

@@ -192,7 +192,7 @@ async def run_requests(
             return result
 
         tasks = []
-        for req, delay in zip(requests, delays):
+        for req, delay in zip(requests, delays, strict=False):
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(req)))

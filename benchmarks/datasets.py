@@ -162,7 +162,7 @@ def sharegpt_requests(
     pairs = []
     for item in data:
         turns = item.get("conversations") or []
-        for a, b in zip(turns, turns[1:]):
+        for a, b in zip(turns, turns[1:], strict=False):
             if a.get("from") == "human" and b.get("from") == "gpt" and a.get("value") and b.get("value"):
                 pairs.append((a["value"], b["value"]))
                 break

@@ -13,8 +13,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -139,7 +139,7 @@ def attention_rows(decode: list[tuple[int, int]], prefill: list[tuple[int, int]]
         hints = {"max_q_len": q_len, "max_seq_len": seq_len}
         q4 = d["q"].view(num_seqs, q_len, NUM_HEADS, HEAD_DIM).transpose(1, 2)  # [B, H, q_len, D]
 
-        def sdpa() -> torch.Tensor:
+        def sdpa(q4=q4, d=d, kind=kind) -> torch.Tensor:
             # Decode: the one query sees every key; prefill: q_len == seq_len, plain causal.
             return F.scaled_dot_product_attention(q4, d["k"], d["v"], is_causal=kind == "prefill", scale=scale,
                                                   enable_gqa=True)
@@ -148,7 +148,7 @@ def attention_rows(decode: list[tuple[int, int]], prefill: list[tuple[int, int]]
         err = rel_err(out.view(num_seqs, q_len, NUM_HEADS, HEAD_DIM).transpose(1, 2), sdpa())
         if not err < 1e-2:
             raise SystemExit(f"paged_attention disagrees with SDPA on {kind} {num_seqs}x{seq_len}: {err:.2e}")
-        t_paged = bench(lambda: kernels.paged_attention(*paged_args, out=out, **hints))
+        t_paged = bench(lambda args=paged_args, out=out, hints=hints: kernels.paged_attention(*args, out=out, **hints))
         t_sdpa = bench(sdpa)
         visible = q_len * seq_len - q_len * (q_len - 1) // 2  # keys seen, summed over one sequence's queries
         flops = 4 * num_seqs * visible * NUM_HEADS * HEAD_DIM
@@ -183,8 +183,8 @@ def elementwise_rows() -> list[dict]:
         ("rotary_embedding", 2 * (q.numel() + k.numel()) * elem, lambda m: m.rotary_embedding(pos, q, k, cos, sin)),
         ("write_kv_cache", 4 * k.numel() * elem, lambda m: m.write_kv_cache(k, k, k_cache, v_cache, slots)),
     ]
-    return [{"kernel": name, "case": f"tokens={tokens}", "ms": bench(lambda: fn(kernels)),
-             "reference_ms": bench(lambda: fn(reference)), "bytes": nbytes, "flops": 0}
+    return [{"kernel": name, "case": f"tokens={tokens}", "ms": bench(lambda fn=fn: fn(kernels)),
+             "reference_ms": bench(lambda fn=fn: fn(reference)), "bytes": nbytes, "flops": 0}
             for name, nbytes, fn in cases]
 
 

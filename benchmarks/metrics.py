@@ -46,7 +46,7 @@ def tpot(e2e: float, ttft: float, output_tokens: int) -> float | None:
 
 def inter_token_latencies(chunk_times: Sequence[float]) -> list[float]:
     """Gaps between consecutive content-chunk arrival times."""
-    return [b - a for a, b in zip(chunk_times, chunk_times[1:])]
+    return [b - a for a, b in zip(chunk_times, chunk_times[1:], strict=False)]
 
 
 def percentile(values: Sequence[float], q: float) -> float:

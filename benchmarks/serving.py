@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for JSON and PNG results")
     p.add_argument("--tokenizer", help="HF tokenizer folder or GGUF file, to count tokens when the "
                                        "server reports no usage (and ShareGPT output lengths)")
-    p.add_argument("--backend", default="openai", help="label for file names and the report (e.g. tokenmill, vllm, llama.cpp)")
+    p.add_argument("--backend", default="openai",
+                   help="label for file names and the report (e.g. tokenmill, vllm, llama.cpp)")
     p.add_argument("--metadata", nargs="*", metavar="KEY=VALUE", default=[],
                    help="extra facts to record, e.g. dtype=bf16 device=cuda")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests sent first (they also check the setup)")
@@ -188,7 +189,7 @@ async def _run(args: argparse.Namespace) -> int:
         from benchmarks.plots import plot_sweep
         save_json(args.out / f"{stem}-sweep.json", {
             "config": config, "environment": env, "x": x_name,
-            "points": [{"value": lab, "summary": s} for lab, s in zip(labels, summaries)]})
+            "points": [{"value": lab, "summary": s} for lab, s in zip(labels, summaries, strict=False)]})
         for path in plot_sweep(labels, summaries, x_name, args.out, stem):
             print(f"saved {path}")
     return 0

@@ -752,7 +752,8 @@ def format_report(report: SoakReport) -> str:
         lines.append("no violations")
     else:
         by_problem = Counter(v["kind"] for v in report.violations)
-        lines.append(f"{len(report.violations)} violations by kind: " + ", ".join(f"{k} {n}" for k, n in by_problem.most_common()))
+        kinds = ", ".join(f"{k} {n}" for k, n in by_problem.most_common())
+        lines.append(f"{len(report.violations)} violations by kind: {kinds}")
         for v in report.violations[:SHOWN_VIOLATIONS]:
             lines.append(f"  [{v['kind']}] {v['problem']}\n      request: {v['request']}")
         if len(report.violations) > SHOWN_VIOLATIONS:
@@ -764,7 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=SoakConfig.url, help="server base URL, loopback only (default: %(default)s)")
-    p.add_argument("--duration", type=float, default=SoakConfig.duration_s, help="seconds of traffic (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=SoakConfig.duration_s,
+                   help="seconds of traffic (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=SoakConfig.concurrency, help="workers (default: %(default)s)")
     p.add_argument("--seed", type=int, default=SoakConfig.seed, help="seed of the request mix (default: %(default)s)")
     p.add_argument("--pid", type=int, default=None,

@@ -94,7 +94,7 @@ def _hf_state_dict(model) -> dict[str, torch.Tensor]:
         if len(parts) > 2 and parts[-2] in ("qkv_proj", "gate_up_proj"):
             fused = parts[-2]
             names = ["q_proj", "k_proj", "v_proj"] if fused == "qkv_proj" else ["gate_proj", "up_proj"]
-            for sub, chunk in zip(names, t.split(model._shard_sizes(fused))):
+            for sub, chunk in zip(names, t.split(model._shard_sizes(fused)), strict=False):
                 out[prefix + ".".join(parts[:-2] + [sub, parts[-1]])] = chunk
         else:
             out[prefix + name] = t

@@ -1,7 +1,6 @@
 """tokenmill's engine: continuous batching over a paged KV cache. Imports no web framework."""
 from .config import EngineConfig
-from .engine_client import (EngineClient, EngineDeadError, EngineOverloadedError, EngineStoppedError,
-                            RequestFailedError)
+from .engine_client import EngineClient, EngineDeadError, EngineOverloadedError, EngineStoppedError, RequestFailedError
 from .limits import InvalidRequestError, RequestLimits
 from .llm import LLM
 from .llm_engine import LLMEngine

@@ -17,8 +17,14 @@ import threading
 from dataclasses import dataclass
 
 from .config import EngineConfig
-from .engine_client import (EngineClient, EngineDeadError, EngineOverloadedError, EngineStoppedError,
-                            RequestFailedError, RequestStream)
+from .engine_client import (
+    EngineClient,
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineStoppedError,
+    RequestFailedError,
+    RequestStream,
+)
 from .llm_engine import EngineStats, LLMEngine
 from .sampling_params import SamplingParams
 

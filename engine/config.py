@@ -52,7 +52,7 @@ class ModelConfig:
     name: str = "model"
 
     @classmethod
-    def from_hf(cls, cfg: dict, name: str = "model") -> "ModelConfig":
+    def from_hf(cls, cfg: dict, name: str = "model") -> ModelConfig:
         arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")

@@ -48,7 +48,7 @@ class LLM:
             raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
         ids = [str(next(self._ids)) for _ in prompts]
         try:
-            for rid, prompt, params in zip(ids, prompts, sampling_params):
+            for rid, prompt, params in zip(ids, prompts, sampling_params, strict=False):
                 self.engine.add_request(rid, prompt, params)
         except Exception:
             self.engine.abort_request(ids)

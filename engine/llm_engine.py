@@ -175,14 +175,14 @@ class LLMEngine:
             m = self.requests[seq.request_id].metrics
             m.first_scheduled_time = m.first_scheduled_time or now
         logits, sample_seqs = self.runner.execute(sched)
-        for seq, n in zip(sched.seqs, sched.num_tokens):
+        for seq, n in zip(sched.seqs, sched.num_tokens, strict=False):
             seq.num_computed_tokens += n
         if not sample_seqs:
             return []
         samples = self._sample(logits, sample_seqs)
         now = time.time()
         touched: dict[str, _Request] = {}
-        for seq, sample in zip(sample_seqs, samples):
+        for seq, sample in zip(sample_seqs, samples, strict=False):
             req = touched[seq.request_id] = self.requests[seq.request_id]
             if req.error is not None:  # an earlier sample of this request already failed it
                 continue
@@ -232,7 +232,7 @@ class LLMEngine:
             params, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
             [s.generator for s in seqs], self.model_config.vocab_size, logits.device, states)
         out: SamplerOutput = self.sampler(logits, meta)
-        return list(zip(out.token_ids, out.logprobs, out.top_logprobs))
+        return list(zip(out.token_ids, out.logprobs, out.top_logprobs, strict=False))
 
     def _penalty_state(self, seq: Sequence) -> PenaltyState:
         if seq.penalty_state is None:

@@ -112,7 +112,7 @@ class ModelRunner:
         logits_indices: list[int] = []
         sample_seqs: list[Sequence] = []
         bs = self.block_size
-        for seq, n in zip(sched.seqs, sched.num_tokens):
+        for seq, n in zip(sched.seqs, sched.num_tokens, strict=False):
             start = seq.num_computed_tokens
             end = start + n
             input_ids += seq.token_ids[start:end]

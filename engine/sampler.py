@@ -76,13 +76,13 @@ class SamplingMetadata:
 
         greedy = [p.greedy for p in params]
         # Random-path settings are neutral on greedy rows: their argmax ignores them anyway.
-        temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
+        temps = [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=False)]
         ks = [vocab_size if g or p.top_k == -1 else min(p.top_k, vocab_size)
-              for p, g in zip(params, greedy)]
+              for p, g in zip(params, greedy, strict=False)]
         # inf rather than 1.0 so that float rounding in the cumulative sum can never cut the
         # tail of a row that did not ask for top-p.
-        ps = [float("inf") if g or p.top_p >= 1.0 else p.top_p for p, g in zip(params, greedy)]
-        min_ps = [0.0 if g else p.min_p for p, g in zip(params, greedy)]
+        ps = [float("inf") if g or p.top_p >= 1.0 else p.top_p for p, g in zip(params, greedy, strict=False)]
+        min_ps = [0.0 if g else p.min_p for p, g in zip(params, greedy, strict=False)]
 
         blocked_rows: list[int] = []
         blocked_ids: list[int] = []
@@ -91,7 +91,7 @@ class SamplingMetadata:
         bias_vals: list[float] = []
         # Ids outside the vocab cannot be produced, so blocking or biasing them is a no-op;
         # skipping them also keeps a negative id from wrapping around to the vocab's end.
-        for i, (p, out) in enumerate(zip(params, output_token_ids)):
+        for i, (p, out) in enumerate(zip(params, output_token_ids, strict=False)):
             if len(out) < p.min_tokens:
                 for t in sorted(p.all_stop_token_ids | set(p.stop_token_ids)):
                     if 0 <= t < vocab_size:
@@ -114,7 +114,7 @@ class SamplingMetadata:
         output_counts = repetition_mask = None
         if use_rep or use_freq_pres:
             states = penalty_states or [PenaltyState(ids, vocab_size, device) for ids in prompt_token_ids]
-            for state, out in zip(states, output_token_ids):
+            for state, out in zip(states, output_token_ids, strict=False):
                 state.update(out)
             output_counts = torch.stack([s.output_counts for s in states])
             if use_rep:
@@ -224,7 +224,7 @@ class Sampler:
         rows = torch.cat(columns, dim=1).tolist()
 
         out = SamplerOutput(token_ids=[], logprobs=[], top_logprobs=[])
-        for row, n in zip(rows, meta.num_logprobs):
+        for row, n in zip(rows, meta.num_logprobs, strict=False):
             out.token_ids.append(int(row[0]))
             out.logprobs.append(row[1])
             if n is None:
@@ -232,5 +232,5 @@ class Sampler:
             else:
                 n = min(n, n_top)
                 ids, lps = row[2:2 + n], row[2 + n_top:2 + n_top + n]
-                out.top_logprobs.append([(int(t), lp) for t, lp in zip(ids, lps)])
+                out.top_logprobs.append([(int(t), lp) for t, lp in zip(ids, lps, strict=False)])
         return out

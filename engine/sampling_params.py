@@ -79,6 +79,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
-    def clone(self, **changes) -> "SamplingParams":
+    def clone(self, **changes) -> SamplingParams:
         """A copy with some fields changed (used to fan out n > 1 into n sequences)."""
         return replace(self, **changes)

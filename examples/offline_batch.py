@@ -21,7 +21,7 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=0)
     # Chat models answer best through their template; LLM.chat applies it to each conversation.
     conversations = [[{"role": "user", "content": p}] for p in prompts]
-    for prompt, out in zip(prompts, llm.chat(conversations, params)):
+    for prompt, out in zip(prompts, llm.chat(conversations, params), strict=False):
         print(f"\n### {prompt}\n{out.outputs[0].text.strip()}")
 
 

@@ -88,7 +88,7 @@ def _paged_attention_kernel(
 
     # A finite floor keeps rows whose keys in this split are all masked free of inf - inf = nan.
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    denom = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for tile in range(tile_lo, tile_hi):
@@ -103,23 +103,24 @@ def _paged_attention_kernel(
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
+        denom = denom * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + (page * stride_vb + slot_in_page * stride_vs + kv_head * stride_vh)[:, None]
                     + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=DOT_PRECISION)
         m = m_new
 
     if NUM_SPLITS == 1:
-        out = acc / tl.where(l > 0, l, 1.0)[:, None]  # l is 0 only on padding rows, which are not stored
+        # denom is 0 only on padding rows, which are not stored
+        out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
-        # Unnormalised partials, [split, token, head, ...]; empty splits store m = -1e30, l = 0, acc = 0.
+        # Unnormalised partials, [split, token, head, ...]; empty splits store m = -1e30, denom = 0, acc = 0.
         part = (split * num_tokens + token) * num_heads + head
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc,
                  mask=row_ok[:, None] & d_ok[None, :])
         tl.store(part_ml_ptr + part * 2, m, mask=row_ok)
-        tl.store(part_ml_ptr + part * 2 + 1, l, mask=row_ok)
+        tl.store(part_ml_ptr + part * 2 + 1, denom, mask=row_ok)
 
 
 @triton.jit
@@ -135,12 +136,12 @@ def _merge_splits_kernel(
     d_ok = d < HEAD_DIM
     part = (s * num_tokens + token) * num_heads + head
     m = tl.load(part_ml_ptr + part * 2, mask=s_ok, other=float("-inf"))
-    l = tl.load(part_ml_ptr + part * 2 + 1, mask=s_ok, other=0.0)
+    denom = tl.load(part_ml_ptr + part * 2 + 1, mask=s_ok, other=0.0)
     acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
                   other=0.0)
     # Split 0 always holds key 0, which every query sees, so the max is finite.
     w = tl.exp2(m - tl.max(m, 0))
-    out = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.sum(w * denom, 0)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 

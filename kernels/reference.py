@@ -41,7 +41,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    q_lens = [b - a for a, b in zip(starts, starts[1:])]
+    q_lens = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     decodes = [i for i, n in enumerate(q_lens) if n == 1]
     if decodes:
         _decode_attention(q, k_cache, v_cache, block_tables, starts, lens, decodes, scale, out)

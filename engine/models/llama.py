@@ -56,7 +56,7 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states of every token of the packed batch: [num_tokens, hidden_size]."""
         h, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=False):
             h, residual = layer(positions, h, residual, kv_cache, meta, self.rotary)
         h, _ = self.norm(h, residual)
         return h

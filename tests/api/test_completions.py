@@ -79,8 +79,9 @@ def test_logprobs_report_the_chosen_token_and_top_n(client, model_name, engine):
     lp = resp.choices[0].logprobs
     oracle = engine_generate(engine, PROMPT, temperature=0, max_tokens=6, logprobs=3).outputs[0]
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
-    assert lp.token_logprobs == pytest.approx([e[t] for e, t in zip(oracle.logprobs, oracle.token_ids)], abs=1e-4)
-    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    want = [e[t] for e, t in zip(oracle.logprobs, oracle.token_ids, strict=True)]
+    assert lp.token_logprobs == pytest.approx(want, abs=1e-4)
+    for logprob, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
         assert len(top) == 3 and max(top.values()) == pytest.approx(logprob, abs=1e-4)  # greedy: the best
     assert "".join(lp.tokens) == resp.choices[0].text
     assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
@@ -88,10 +89,10 @@ def test_logprobs_report_the_chosen_token_and_top_n(client, model_name, engine):
 
 def test_top_logprobs_always_hold_the_sampled_token(client, model_name):
     lp = greedy(client, model_name, prompt=PROMPT, logprobs=0).choices[0].logprobs
-    assert lp.top_logprobs == [{t: v} for t, v in zip(lp.tokens, lp.token_logprobs)]
+    assert lp.top_logprobs == [{t: v} for t, v in zip(lp.tokens, lp.token_logprobs, strict=False)]
     lp = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=8, logprobs=1, temperature=2.0,
                                    seed=7).choices[0].logprobs
-    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=False):
         assert top[token] == logprob and 1 <= len(top) <= 2
 
 

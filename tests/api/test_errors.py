@@ -44,7 +44,8 @@ CASES = [
     ("/v1/completions", {"max_tokens": 2}, 400, "prompt", "required"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", "'user'"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages[0]", "content is required"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages[0]",
+     "content is required"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content", "text parts"),
     ("/v1/chat/completions", {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
@@ -82,7 +83,8 @@ def test_unknown_fields_are_ignored_with_a_warning_as_vllm_does(client, model_na
             model=model_name, messages=[{"role": "user", "content": "hi", "frobnicate": 1}], max_tokens=2,
             store=False, metadata={"k": "v"}, extra_body={"frobnicate": 2})
     assert resp.usage.completion_tokens == 2
-    assert "frobnicate, metadata, store" in caplog.text and "ChatMessage: ignored unknown fields frobnicate" in caplog.text
+    assert "frobnicate, metadata, store" in caplog.text
+    assert "ChatMessage: ignored unknown fields frobnicate" in caplog.text
 
 
 def test_sdk_raises_typed_errors_with_the_message(client, model_name):

@@ -75,7 +75,8 @@ def test_streams_carry_keep_alive_pings_and_stay_well_formed(pinging_server):
 
 def test_a_client_that_hangs_up_mid_stream_is_aborted_promptly(pinging_server, http):
     body = {"prompt": "Count to a thousand:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=pinging_server.url, timeout=120) as c, c.stream("POST", "/v1/completions", json=body) as r:
+    with httpx.Client(base_url=pinging_server.url, timeout=120) as c, \
+            c.stream("POST", "/v1/completions", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break  # one chunk, then hang up

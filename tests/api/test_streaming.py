@@ -67,7 +67,8 @@ def test_completion_stream_usage_and_continuous_usage(http):
     assert chunks[0]["choices"][0]["text"].startswith("Hello")  # echo comes with the first chunk
     counts = [c["usage"]["completion_tokens"] for c in chunks[:-1]]
     assert counts == sorted(counts) and counts[-1] == 4
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == chunks[-1]["usage"]["prompt_tokens"] + 4
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and usage["total_tokens"] == usage["prompt_tokens"] + 4
 
 
 def test_n_streams_each_choice_open_and_close(http):

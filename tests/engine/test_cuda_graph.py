@@ -54,7 +54,7 @@ def test_padded_graph_decode_gives_the_same_greedy_tokens(tiny_llm):
     tiny_llm.engine.block_manager.reset_prefix_cache()
     _attach_graphs(tiny_llm)
     graphed = tiny_llm.generate(prompts, params, use_tqdm=False)
-    for a, b in zip(eager, graphed):
+    for a, b in zip(eager, graphed, strict=False):
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
 
 

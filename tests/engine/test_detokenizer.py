@@ -34,7 +34,7 @@ def stream(tokenizer, out_ids, prompt_ids=(), chunks=None, **params):
 
 
 def assert_never_retracted(texts):
-    for before, after in zip(texts, texts[1:]):
+    for before, after in zip(texts, texts[1:], strict=False):
         assert after.startswith(before), (before, after)
 
 
@@ -158,7 +158,8 @@ def test_decode_window_stays_small_on_long_outputs(tokenizer):
 
 
 def test_first_output_token_keeps_its_leading_space(tokenizer):
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                         tokenize=False)
     prompt = tokenizer.encode(chat, add_special_tokens=False)  # ends "<|im_start|>assistant\n"
     ids = tokenizer.encode(" Hello there", add_special_tokens=False)
     _, texts, _ = stream(tokenizer, ids, prompt)

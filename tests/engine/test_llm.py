@@ -55,7 +55,7 @@ def test_greedy_batch_matches_transformers_token_for_token(batch_tokens, hf_toke
 
 
 def test_each_prompt_alone_gives_the_same_tokens_as_in_the_batch(llm, batch_tokens):
-    for prompt, expected in zip(PROMPTS, batch_tokens):
+    for prompt, expected in zip(PROMPTS, batch_tokens, strict=False):
         assert llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == expected
 
 
@@ -103,8 +103,8 @@ def test_n_samples_stop_strings_and_logprobs(llm):
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
     for c in out.outputs:
         assert len(c.logprobs) == len(c.token_ids)
-        assert all(len(e) in (2, 3) and t in e for t, e in zip(c.token_ids, c.logprobs))
-        assert c.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(c.token_ids, c.logprobs)))
+        assert all(len(e) in (2, 3) and t in e for t, e in zip(c.token_ids, c.logprobs, strict=False))
+        assert c.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(c.token_ids, c.logprobs, strict=False)))
     full = llm.generate(PROMPTS[1], GREEDY, use_tqdm=False)[0].outputs[0].text
     stop = full.strip().split()[1]  # a word that occurs in the greedy text
     cut = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=24, stop=[stop]),
@@ -144,6 +144,6 @@ def test_half_precision_dtypes_generate_the_same_first_tokens(dtype, batch_token
     half = LLM(dtype=dtype, kv_cache_memory=64 << 20)
     assert half.engine.runner.kv_caches[0].dtype == getattr(torch, dtype)
     outs = half.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=4, logprobs=1), use_tqdm=False)
-    for out, expected in zip(outs, batch_tokens):
+    for out, expected in zip(outs, batch_tokens, strict=False):
         assert out.outputs[0].token_ids[:2] == expected[:2]
         assert all(torch.isfinite(torch.tensor(list(e.values()))).all() for e in out.outputs[0].logprobs)

@@ -44,7 +44,7 @@ def test_greedy_tokens_and_logprobs_match_transformers(family, tokenizer):
     llm = LLM(path, dtype="float32", kv_cache_memory=32 << 20)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
-    for prompt, out in zip(PROMPTS, outs):
+    for prompt, out in zip(PROMPTS, outs, strict=False):
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         ref = hf.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0)
         ref_tokens = ref[0, ids.shape[1]:].tolist()
@@ -52,8 +52,8 @@ def test_greedy_tokens_and_logprobs_match_transformers(family, tokenizer):
         assert got.token_ids == ref_tokens
         with torch.no_grad():
             logp = torch.log_softmax(hf(ref).logits[0, ids.shape[1] - 1:-1].double(), -1)
-        for i, (tok, entry) in enumerate(zip(ref_tokens, got.logprobs)):
+        for i, (tok, entry) in enumerate(zip(ref_tokens, got.logprobs, strict=False)):
             assert entry[tok] == pytest.approx(logp[i, tok].item(), abs=1e-4)
             top = logp[i].topk(3)
-            for t, lp in zip(top.indices.tolist(), top.values.tolist()):
+            for t, lp in zip(top.indices.tolist(), top.values.tolist(), strict=False):
                 assert entry[t] == pytest.approx(lp, abs=1e-4)

@@ -1,7 +1,8 @@
 """Scheduler and block manager under random add / step / abort sequences (hypothesis)."""
 import random
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.block_manager import BlockManager
 from engine.request import Sequence, Status
@@ -36,10 +37,10 @@ class KVCache:
         return seq.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def run_step(self, seqs: list[Sequence], num_tokens: list[int]) -> None:
-        for seq, n in zip(seqs, num_tokens):
+        for seq, n in zip(seqs, num_tokens, strict=False):
             for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
                 self.slots[self._slot(seq, pos)] = tuple(seq.token_ids[:pos + 1])
-        for seq, n in zip(seqs, num_tokens):
+        for seq, n in zip(seqs, num_tokens, strict=False):
             for pos in range(seq.num_computed_tokens + n):
                 assert self.slots.get(self._slot(seq, pos)) == tuple(seq.token_ids[:pos + 1]), \
                     f"{seq.seq_id} attends to another prefix's KV at position {pos}"
@@ -66,11 +67,11 @@ def test_random_traffic_never_leaks_or_overruns_and_everything_finishes(
         out = sched.schedule()
         assert out.total_tokens <= budget
         assert len(out.seqs) <= max_seqs and len(set(map(id, out.seqs))) == len(out.seqs)
-        for seq, n in zip(out.seqs, out.num_tokens):
+        for seq, n in zip(out.seqs, out.num_tokens, strict=False):
             assert n >= 1 and seq.status == Status.RUNNING
             assert len(seq.block_ids) * block_size >= seq.num_computed_tokens + n
         kv.run_step(out.seqs, out.num_tokens)
-        for seq, n in zip(out.seqs, out.num_tokens):
+        for seq, n in zip(out.seqs, out.num_tokens, strict=False):
             seq.num_computed_tokens += n
             if seq.num_computed_tokens == seq.num_tokens:
                 seq.append_token(seq.num_tokens % 50)
@@ -121,7 +122,7 @@ def test_long_prompt_is_prefilled_in_chunks_while_decodes_keep_running():
         out = sched.schedule()
         assert out.seqs[0] is short and out.num_tokens[0] == 1  # the decode goes first, every step
         chunks.append(out.num_tokens[1])
-        for seq, n in zip(out.seqs, out.num_tokens):
+        for seq, n in zip(out.seqs, out.num_tokens, strict=False):
             seq.num_computed_tokens += n
         short.append_token(3)
     assert chunks == [9, 9, 9, 9, 4]
@@ -136,7 +137,7 @@ def test_pool_exhaustion_preempts_newest_and_requeues_it_first():
     sched.add(b)
     out = sched.schedule()
     assert out.seqs == [a, b]
-    for seq, n in zip(out.seqs, out.num_tokens):
+    for seq, n in zip(out.seqs, out.num_tokens, strict=False):
         seq.num_computed_tokens += n
         seq.append_token(0)
     a.append_token(0)  # a now needs a third block: b must give way

@@ -32,7 +32,7 @@ def run(matcher: StopMatcher, pieces: list[str]) -> tuple[str, str | None]:
 
 def split(text: str, cuts: list[int]) -> list[str]:
     bounds = [0, *sorted(set(c for c in cuts if 0 < c < len(text))), len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def test_failure_function():

@@ -30,7 +30,7 @@ def make_batch(specs, group: int, head_dim: int, block_size: int, dtype: torch.d
     order = torch.randperm(num_blocks - 1)
     tables = torch.full((len(specs), max_blocks), num_blocks - 1, dtype=torch.int32)
     used = 0
-    for i, (n, seq_len) in enumerate(zip(blocks_per_seq, seq_lens)):
+    for i, (n, seq_len) in enumerate(zip(blocks_per_seq, seq_lens, strict=False)):
         own = order[used:used + n]
         used += n
         tables[i, :n] = own.int()

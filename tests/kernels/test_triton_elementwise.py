@@ -23,7 +23,7 @@ def test_write_kv_cache(dtype, cache_dtype, block_size, head_dim):
     expected = [c.clone() for c in caches]
     kernels.write_kv_cache(k, v, *caches, slots)
     reference.write_kv_cache(k, v, *expected, slots)
-    for got, want in zip(caches, expected):
+    for got, want in zip(caches, expected, strict=False):
         assert torch.equal(got, want)  # a copy: exact
 
 
