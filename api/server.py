@@ -169,10 +169,9 @@ def run_server(config: EngineConfig, host: str, port: int, served_model_name: st
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
 
-    def stop_serving(error: Exception) -> None:  # runs on the engine thread; both are plain flags
+    def stop_serving(error: Exception) -> None:  # runs on the engine thread; a plain flag
         logger.critical("shutting down: %s", error)
-        server.should_exit = True
-        AppStatus.should_exit = True
+        server.should_exit = True  # open streams end by themselves, with the error as their last event
 
     engine.on_dead(stop_serving)
     # uvicorn re-raises the signal that stopped it once its graceful shutdown is done; after a

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -113,10 +113,14 @@ class OpenAIServing:
         if len(prompts) > limit:
             raise bad_request(f"{prompt_field}: {len(prompts)} prompts given, the limit is {limit}", prompt_field)
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        results = await asyncio.gather(
-            *(self.engine.add_request(rid, p, params, arrival_time, prompt_field)
-              for rid, p in zip(ids, prompts, strict=True)),
-            return_exceptions=True)
+        try:
+            results = await asyncio.gather(
+                *(self.engine.add_request(rid, p, params, arrival_time, prompt_field)
+                  for rid, p in zip(ids, prompts, strict=True)),
+                return_exceptions=True)
+        except asyncio.CancelledError:  # the handler was cancelled: requests added already must not run on
+            self.engine.abort(ids)
+            raise
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             self.engine.abort([s.request_id for s in results if isinstance(s, RequestStream)])
@@ -233,15 +237,17 @@ def stream_usage_flags(req: SamplingFields) -> tuple[bool, bool]:
     return (bool(opts and opts.include_usage), bool(opts and opts.include_usage and opts.continuous_usage_stats))
 
 
-def sse_response(chunks: AsyncIterator[BaseModel], request_id: str, ping_s: float) -> EventSourceResponse:
+def sse_response(chunks: AsyncGenerator[BaseModel, None], request_id: str, ping_s: float,
+                 streams: list[RequestStream]) -> EventSourceResponse:
     """OpenAI's framing (one `data: {json}` event per chunk, an error event if one occurs, then
     `data: [DONE]`), with a `: ping` comment every ping_s seconds so that proxies keep an idle stream
-    open while the request waits in the queue or prefills. A client that hangs up cancels the
-    generator, and so aborts its engine requests."""
-    return EventSourceResponse(_sse_events(chunks, request_id), ping=ping_s, sep="\n")
+    open while the request waits in the queue or prefills. However the response ends (a client that
+    hangs up, even before the first chunk), the engine requests behind `streams` end with it."""
+    return EventSourceResponse(_sse_events(chunks, request_id, streams), ping=ping_s, sep="\n")
 
 
-async def _sse_events(chunks: AsyncIterator[BaseModel], request_id: str) -> AsyncIterator[dict]:
+async def _sse_events(chunks: AsyncGenerator[BaseModel, None], request_id: str,
+                      streams: list[RequestStream]) -> AsyncIterator[dict]:
     # Plain dicts take the response's separator ("\n", as OpenAI's own streams use).
     try:
         async for chunk in chunks:
@@ -256,6 +262,10 @@ async def _sse_events(chunks: AsyncIterator[BaseModel], request_id: str) -> Asyn
         logger.exception("internal error in request %s", request_id)
         yield _error_event(ErrorInfo(message=f"internal server error (request id {request_id})",
                                      type="server_error"))
+    finally:
+        await chunks.aclose()
+        for stream in streams:
+            stream.abort()
     yield {"data": "[DONE]"}
 
 

@@ -44,7 +44,7 @@ class ServingChat:
         request_id = raw.state.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await s.start(request_id, [prompt], params, arrival, "messages")
         if req.stream:
-            return sse_response(self._chunks(req, request_id, streams), request_id, s.sse_ping_s)
+            return sse_response(self._chunks(req, request_id, streams), request_id, s.sse_ping_s, streams)
         finals = await cancel_on_disconnect(raw, s.final_outputs(streams))
         if finals is None:
             return Response(status_code=499)  # the client left; nobody reads this

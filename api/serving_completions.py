@@ -42,10 +42,10 @@ class ServingCompletions:
         params = s.sampling_params(req, req.max_tokens, req.logprobs)
         prompts = req.prompt if isinstance(req.prompt, list) and not isinstance(req.prompt[0], int) else [req.prompt]
         request_id = raw.state.request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = await s.start(request_id, prompts, params, arrival, "prompt")
         echo = [(p if isinstance(p, str) else await s.engine.decode(p)) if req.echo else "" for p in prompts]
+        streams = await s.start(request_id, prompts, params, arrival, "prompt")
         if req.stream:
-            return sse_response(self._chunks(req, request_id, streams, echo), request_id, s.sse_ping_s)
+            return sse_response(self._chunks(req, request_id, streams, echo), request_id, s.sse_ping_s, streams)
         finals = await cancel_on_disconnect(raw, s.final_outputs(streams))
         if finals is None:
             return Response(status_code=499)  # the client left; nobody reads this

@@ -128,8 +128,13 @@ class AsyncLLMEngine(EngineClient):
                     self._wakeup.wait()
                 commands, self._commands = self._commands, []
                 stopping = self._stopping
-            for command in commands:
-                self._apply(command)
+            for i, command in enumerate(commands):
+                try:
+                    self._apply(command)
+                except BaseException:
+                    with self._wakeup:  # the engine dies: the commands not yet applied must hear of it
+                        self._commands[:0] = commands[i + 1:]
+                    raise
             if stopping:
                 self._fail_all(EngineStoppedError("the server is shutting down"))
                 self._stats = self.engine.stats()
@@ -144,6 +149,8 @@ class AsyncLLMEngine(EngineClient):
             for rid in command.request_ids:
                 self._streams.pop(rid, None)
             return
+        if not command.result.set_running_or_notify_cancel():
+            return  # the caller gave up waiting; its abort is queued behind this add
         try:
             self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
                                     command.arrival_time)
@@ -173,7 +180,8 @@ class AsyncLLMEngine(EngineClient):
             commands, self._commands = self._commands, []
         for command in commands:
             if isinstance(command, _Add):
-                command.result.set_exception(dead)
+                if command.result.set_running_or_notify_cancel():
+                    command.result.set_exception(dead)
                 command.stream.put(dead)
         for stream in self._streams.values():
             stream.put(dead)

@@ -77,6 +77,11 @@ class RequestStream:
             self.finished = True
             self._client._release(self)
 
+    def abort(self) -> None:
+        """Stop the request (no-op once it ended); a reader still iterating gets RequestFailedError."""
+        if not self.finished:
+            self._client.abort(self.request_id)
+
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         done = False
         try:
@@ -89,14 +94,14 @@ class RequestStream:
                         break
                     item.add(later)
                 if isinstance(item, BaseException):
-                    raise item
+                    raise item.with_traceback(None)  # one error may reach many streams: keep no frames
                 done = item.finished
                 if item.error is not None:
                     raise RequestFailedError(item.error)
                 yield item
         finally:
             if not done:
-                self._client.abort(self.request_id)
+                self.abort()
 
 
 class EngineClient(ABC):
@@ -158,6 +163,8 @@ class EngineClient(ABC):
         `param` when the prompt is at fault; EngineOverloadedError over the queue bound;
         EngineDeadError or EngineStoppedError when the engine is gone."""
         self._check_alive()
+        if request_id in self._live:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         arrival_time = arrival_time or time.time()
         self.limits.check_params(params)
         ids = await self.prompt_token_ids(prompt, param)
@@ -169,6 +176,8 @@ class EngineClient(ABC):
                 f"may be (--max-num-seqs {self.config.max_num_seqs} + --max-queue-len "
                 f"{self.limits.max_waiting_seqs}); retry later", retry_after=1)
         self._check_alive()
+        if request_id in self._live:  # taken while this one was tokenized
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         stream = RequestStream(request_id, params.n, self)
         self._num_seqs += params.n
         self._live[request_id] = stream
@@ -192,7 +201,7 @@ class EngineClient(ABC):
         for rid in ids:
             stream = self._live.get(rid)
             if stream is not None:
-                stream._end()
+                stream._deliver(RequestFailedError(f"request {rid} was aborted"))
         self._submit_abort(ids)
 
     def _release(self, stream: RequestStream) -> None:
@@ -202,7 +211,7 @@ class EngineClient(ABC):
 
     def _check_alive(self) -> None:
         if self.dead_error is not None:
-            raise self.dead_error
+            raise EngineDeadError(str(self.dead_error))
         if not self.is_running:
             raise EngineStoppedError("the server is shutting down")
 

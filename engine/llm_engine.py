@@ -134,14 +134,15 @@ class LLMEngine:
             if params.seed is not None:  # each sample of a seeded request gets its own stream
                 generator = torch.Generator(self.runner.device).manual_seed(params.seed + i)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params) if self.tokenizer else None
-            seq = Sequence(f"{request_id}#{i}", request_id, i, ids, params, detok, generator,
-                           arrival_time or now)
-            seqs.append(seq)
-            self.scheduler.add(seq)
+            seqs.append(Sequence(f"{request_id}#{i}", request_id, i, ids, params, detok, generator,
+                                 arrival_time or now))
         req = _Request(request_id, text, ids, seqs, RequestMetrics(arrival_time or now))
         if self.faults is not None:
             req.fault_text = text if text is not None else self.tokenizer.decode(ids)
+        # Only now, with nothing left that can fail, does the request enter the scheduler.
         self.requests[request_id] = req
+        for seq in seqs:
+            self.scheduler.add(seq)
         self.num_prompt_tokens += len(ids)
 
     def abort_request(self, request_id: str | list[str]) -> None:
@@ -264,11 +265,11 @@ class LLMEngine:
             self._finish(seq, "length", None)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
-        try:
-            if seq.detokenizer and not isinstance(stop_reason, str) and reason != "error":
+        try:  # an aborted or failed sequence's text is never read: do not detokenize further
+            if seq.detokenizer and not isinstance(stop_reason, str) and reason not in ("abort", "error"):
                 # Releasing held-back bytes can complete a stop string after all.
                 late_stop = seq.detokenizer.finish()
-                if late_stop is not None and reason != "abort":
+                if late_stop is not None:
                     reason, stop_reason = "stop", late_stop
         finally:  # whatever the detokenizer did, the sequence ends and its blocks come back
             seq.finish_reason, seq.stop_reason = reason, stop_reason

@@ -136,6 +136,7 @@ class ScriptedEngine:
         self.fail_step = threading.Event()
         self.fail_abort = threading.Event()
         self.added: list[str] = []
+        self.step_s = 0.01
 
     def get_tokenizer(self):
         return None
@@ -168,5 +169,5 @@ class ScriptedEngine:
             outs.append(RequestOutput(rid, None, [1], [CompletionOutput(0, "x", [7], None, None,
                                                                         "length" if done else None)],
                                       done, RequestMetrics(0.0)))
-        threading.Event().wait(0.01)
+        threading.Event().wait(self.step_s)
         return outs

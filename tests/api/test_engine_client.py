@@ -7,7 +7,7 @@ import pytest
 from api_helpers import ScriptedEngine
 
 from engine.async_engine import AsyncLLMEngine
-from engine.engine_client import EngineDeadError, EngineOverloadedError
+from engine.engine_client import EngineDeadError, EngineOverloadedError, RequestFailedError
 from engine.limits import InvalidRequestError
 from engine.sampling_params import SamplingParams
 
@@ -96,3 +96,55 @@ def test_limits_are_checked_before_the_engine_sees_the_request(params, field):
     error = run(engine, scenario)
     assert error.param == field and ("limit" in str(error) or "context" in str(error))
     assert engine.added == []
+
+
+def test_a_caller_that_gives_up_while_its_add_is_pending_does_not_harm_the_engine():
+    engine = ScriptedEngine()
+    engine.step_s = 0.3  # the engine thread is busy in a step when the add arrives
+
+    async def scenario(client):
+        first = await client.add_request("a", [1], SamplingParams(max_tokens=3))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.add_request("b", [1], SamplingParams(max_tokens=3)), 0.05)
+        async for _ in first:
+            pass
+        assert client.dead_error is None and client.is_running
+        again = await client.add_request("c", [1], SamplingParams(max_tokens=1))
+        async for _ in again:
+            pass
+        return client._num_seqs
+
+    assert run(engine, scenario) == 0  # every sequence's room came back
+    assert "b" not in engine.requests
+
+
+def test_an_abort_ends_a_stream_that_someone_is_reading():
+    engine = ScriptedEngine()
+
+    async def scenario(client):
+        stream = await client.add_request("a", [1], SamplingParams(max_tokens=60))
+
+        async def read():
+            async for _ in stream:
+                pass
+
+        reader = asyncio.ensure_future(read())
+        await asyncio.sleep(0.05)
+        client.abort("a")
+        with pytest.raises(RequestFailedError, match="aborted"):
+            await asyncio.wait_for(reader, 5)
+
+    run(engine, scenario)
+
+
+def test_a_request_id_in_use_is_refused_without_touching_the_first_request():
+    engine = ScriptedEngine()
+
+    async def scenario(client):
+        first = await client.add_request("a", [1], SamplingParams(max_tokens=5))
+        with pytest.raises(InvalidRequestError, match="already in use"):
+            await client.add_request("a", [1], SamplingParams(max_tokens=5))
+        outs = [out async for out in first]
+        return outs[-1].finished, client._num_seqs
+
+    assert run(engine, scenario) == (True, 0)

@@ -53,11 +53,12 @@ def test_stop_string_ending_after_min_tokens_still_stops(llm):
     # A stop counts from the 3rd output token on (min_tokens=3): find the first token at or after it
     # whose text adds a space, then check that the run stops exactly there.
     tok = llm.get_tokenizer()
-    free = llm.generate(["Hi"], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), use_tqdm=False)
+    prompt = "The capital of France is"
+    free = llm.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), use_tqdm=False)
     ids = free[0].outputs[0].token_ids
     texts = [tok.decode(ids[:i]) for i in range(1, len(ids) + 1)]
     first_after = next(i for i in range(2, len(ids)) if texts[i].count(" ") > texts[1].count(" "))
-    out = llm.generate(["Hi"], SamplingParams(stop=[" "], min_tokens=3, max_tokens=30, temperature=0,
+    out = llm.generate([prompt], SamplingParams(stop=[" "], min_tokens=3, max_tokens=30, temperature=0,
                                               ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "stop" and len(out.token_ids) == first_after + 1
 
@@ -91,3 +92,13 @@ def test_penalty_statistics_are_updated_incrementally(llm):
             # counts reflect exactly the tokens sampled so far (the newest one is counted next step)
             assert seq.penalty_state.output_counts.sum().item() == seq.penalty_state.num_counted
     assert len(states) == 1  # built once, not rebuilt each step
+
+
+def test_abort_does_not_detokenize_so_a_broken_detokenizer_cannot_fail_it(llm):
+    engine = llm.engine
+    engine.add_request("to-abort", "Once upon a time", SamplingParams(max_tokens=20, n=2, stop=["zzz"]))
+    engine.step()
+    for seq in engine.requests["to-abort"].seqs:
+        seq.detokenizer.finish = lambda: 1 / 0
+    engine.abort_request("to-abort")
+    assert all_blocks_free(llm)
