@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import Response
 
-from engine.async_engine import RequestStream
+from engine.engine_client import RequestStream
 
 from .errors import bad_request
 from .protocol import (

@@ -17,19 +17,9 @@ import threading
 from dataclasses import dataclass
 
 from .config import EngineConfig
-from .engine_client import (
-    EngineClient,
-    EngineDeadError,
-    EngineOverloadedError,
-    EngineStoppedError,
-    RequestFailedError,
-    RequestStream,
-)
+from .engine_client import EngineClient, EngineDeadError, EngineStoppedError, RequestStream
 from .llm_engine import EngineStats, LLMEngine
 from .sampling_params import SamplingParams
-
-__all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineOverloadedError", "EngineStoppedError",
-           "RequestFailedError", "RequestStream"]
 
 logger = logging.getLogger(__name__)
 

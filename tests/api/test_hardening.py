@@ -83,3 +83,26 @@ def test_a_client_that_hangs_up_mid_stream_is_aborted_promptly(pinging_server, h
     assert wait_until(lambda: scrape(http, "num_requests_running") == 0 and scrape(http, "kv_cache_usage_perc") == 0,
                       timeout=20)
     assert scrape(http, "request_success_total", 'finished_reason="abort"') >= 1
+
+
+def test_a_request_that_fails_in_the_engine_is_a_500_naming_it_and_harms_no_other(http, engine, monkeypatch):
+    from engine.faults import FaultInjector
+
+    good = {"prompt": "The weather today", "temperature": 0, "max_tokens": 16, "ignore_eos": True}
+    want = http.post("/v1/completions", json=good).json()["choices"][0]["text"]
+    monkeypatch.setattr(engine.engine, "faults", FaultInjector(request_marker="FAULTY"))
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(good=http.post("/v1/completions", json=good)))
+    worker.start()
+    bad = http.post("/v1/completions", json={"prompt": "FAULTY input", "max_tokens": 16})
+    with http.stream("POST", "/v1/chat/completions",
+                     json={"messages": [{"role": "user", "content": "FAULTY"}], "stream": True}) as r:
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    worker.join()
+    assert bad.status_code == 500
+    error = bad.json()["error"]
+    assert error["type"] == "server_error" and "request cmpl-" in error["message"] and "failed" in error["message"]
+    assert events[-1] == "[DONE]" and "request chatcmpl-" in json.loads(events[-2])["error"]["message"]
+    assert result["good"].status_code == 200 and result["good"].json()["choices"][0]["text"] == want
+    assert wait_until(lambda: scrape(http, "num_requests_running") == 0 and scrape(http, "kv_cache_usage_perc") == 0)
+    assert http.get("/health").status_code == 200

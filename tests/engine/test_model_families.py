@@ -1,6 +1,7 @@
 """Tiny random-weight models of each family: same greedy tokens and logprobs as transformers' own code."""
 import pytest
 import torch
+from hf_oracle import assert_matches_transformers
 
 from engine import LLM, SamplingParams
 
@@ -44,16 +45,5 @@ def test_greedy_tokens_and_logprobs_match_transformers(family, tokenizer):
     llm = LLM(path, dtype="float32", kv_cache_memory=32 << 20)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
-    for prompt, out in zip(PROMPTS, outs, strict=False):
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        ref = hf.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0)
-        ref_tokens = ref[0, ids.shape[1]:].tolist()
-        got = out.outputs[0]
-        assert got.token_ids == ref_tokens
-        with torch.no_grad():
-            logp = torch.log_softmax(hf(ref).logits[0, ids.shape[1] - 1:-1].double(), -1)
-        for i, (tok, entry) in enumerate(zip(ref_tokens, got.logprobs, strict=False)):
-            assert entry[tok] == pytest.approx(logp[i, tok].item(), abs=1e-4)
-            top = logp[i].topk(3)
-            for t, lp in zip(top.indices.tolist(), top.values.tolist(), strict=False):
-                assert entry[t] == pytest.approx(lp, abs=1e-4)
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert_matches_transformers(hf, tokenizer(prompt).input_ids, out.outputs[0], 12, top_n=3)

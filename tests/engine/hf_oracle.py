@@ -1,0 +1,22 @@
+"""The transformers oracle shared by the model tests: greedy tokens and logprobs of one prompt."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def assert_matches_transformers(hf, prompt_ids: list[int], got, num_tokens: int, top_n: int = 0) -> None:
+    """got (a CompletionOutput of a greedy run with logprobs) holds transformers' greedy tokens, the
+    chosen tokens' logprobs and (top_n > 0) the top_n alternatives' logprobs, within 1e-4."""
+    ids = torch.tensor([prompt_ids])
+    ref = hf.generate(ids, max_new_tokens=num_tokens, do_sample=False, min_new_tokens=num_tokens, pad_token_id=0)
+    ref_tokens = ref[0, ids.shape[1]:].tolist()
+    assert got.token_ids == ref_tokens
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(ref).logits[0, ids.shape[1] - 1:-1].double(), -1)
+    for i, (tok, entry) in enumerate(zip(ref_tokens, got.logprobs, strict=True)):
+        assert entry[tok] == pytest.approx(logp[i, tok].item(), abs=1e-4)
+        if top_n:
+            top = logp[i].topk(top_n)
+            for t, lp in zip(top.indices.tolist(), top.values.tolist(), strict=True):
+                assert entry[t] == pytest.approx(lp, abs=1e-4)
