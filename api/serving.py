@@ -246,12 +246,22 @@ def sse_response(chunks: AsyncGenerator[BaseModel, None], request_id: str, ping_
     return EventSourceResponse(_sse_events(chunks, request_id, streams), ping=ping_s, sep="\n")
 
 
+# JSON leaves U+0085, U+2028 and U+2029 raw inside strings, but line readers that follow
+# str.splitlines (httpx's iter_lines among them) would cut an event there; escaped, they read the same.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_json(model: BaseModel) -> str:
+    """model as JSON that is one line for every line reader."""
+    return model.model_dump_json().translate(_LINE_BREAKS)
+
+
 async def _sse_events(chunks: AsyncGenerator[BaseModel, None], request_id: str,
                       streams: list[RequestStream]) -> AsyncIterator[dict]:
     # Plain dicts take the response's separator ("\n", as OpenAI's own streams use).
     try:
         async for chunk in chunks:
-            yield {"data": chunk.model_dump_json()}
+            yield {"data": sse_json(chunk)}
     except EngineOverloadedError as e:
         yield _error_event(ErrorInfo(message=str(e), type="server_error", code="overloaded"))
     except (EngineStoppedError, EngineDeadError) as e:
@@ -270,7 +280,7 @@ async def _sse_events(chunks: AsyncGenerator[BaseModel, None], request_id: str,
 
 
 def _error_event(info: ErrorInfo) -> dict:
-    return {"data": ErrorResponse(error=info).model_dump_json()}
+    return {"data": sse_json(ErrorResponse(error=info))}
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:

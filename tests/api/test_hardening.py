@@ -106,3 +106,13 @@ def test_a_request_that_fails_in_the_engine_is_a_500_naming_it_and_harms_no_othe
     assert result["good"].status_code == 200 and result["good"].json()["choices"][0]["text"] == want
     assert wait_until(lambda: scrape(http, "num_requests_running") == 0 and scrape(http, "kv_cache_usage_perc") == 0)
     assert http.get("/health").status_code == 200
+
+
+def test_sse_data_is_one_line_for_every_line_reader():
+    # Found by the 30-minute soak: generated text with U+2028 split an event for httpx's iter_lines.
+    from api.protocol import CompletionChoice
+    from api.serving import sse_json
+
+    text = "a\u2028b\x85c\u2029d\ne\rf"
+    data = sse_json(CompletionChoice(index=0, text=text))
+    assert len(data.splitlines()) == 1 and json.loads(data)["text"] == text

@@ -108,6 +108,10 @@ def test_soak_60s_leaves_no_violation(tmp_path):
         report = json.loads(out.read_text())
         assert rc == 0, json.dumps(report["violations"][:20], indent=1) + "\n" + _tail(log_path)
         assert report["completion_tokens"] > 0 and report["rss_growth"] is not None
+        # Every sequence's room in the queue bound came back: a request for all of it (16 + 4) is served.
+        full = httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                          json={"prompt": "Hi", "n": 20, "max_tokens": 1})
+        assert full.status_code == 200, full.text
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
