@@ -42,8 +42,8 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(ids)
 
-        self._out: list[str] = []  # released text, in chunks; joined lazily by output_text
-        self._new: list[str] = []  # released since the last take_text()
+        self._out: list[str] = []  # released text, in chunks
+        self._num_taken = 0  # chunks already handed out by take_text()
         self._done = False
 
     def append(self, token_ids: list[int], check_stops: bool = True) -> str | None:
@@ -57,15 +57,14 @@ class IncrementalDetokenizer:
 
     def take_text(self) -> str:
         """The text released since the last call: the engine's per-step delta."""
-        new, self._new = "".join(self._new), []
+        new = "".join(self._out[self._num_taken:])
+        self._num_taken = len(self._out)
         return new
 
     @property
     def output_text(self) -> str:
         """Text safe to show now: excludes any held-back tail."""
-        if len(self._out) > 1:  # compact, so repeated reads cost O(new chunks)
-            self._out = ["".join(self._out)]
-        return self._out[0] if self._out else ""
+        return "".join(self._out)
 
     def finish(self) -> str | None:
         """Generation ended for another reason (EOS, length, abort): release held-back text.
@@ -105,4 +104,3 @@ class IncrementalDetokenizer:
     def _release(self, text: str) -> None:
         if text:
             self._out.append(text)
-            self._new.append(text)
