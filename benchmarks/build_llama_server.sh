@@ -8,16 +8,15 @@
 #
 # Usage: benchmarks/build_llama_server.sh [CACHE_DIR]
 #   CACHE_DIR defaults to $TOKENMILL_LLAMA_CACHE or ~/.cache/tokenmill/llama.cpp
-#   PYTHON (env) picks the interpreter whose pip downloads the sdist (default python3).
+#   PYTHON (env) picks the interpreter that downloads the sdist (default python3).
 #   LLAMA_CPP_PYTHON_VERSION (env) pins the sdist version (default: latest).
 #   LLAMA_CMAKE_ARGS (env) adds cmake arguments (e.g. "-DGGML_CUDA=ON").
-# The last line of stdout is the absolute path of llama-server.
+# The last line of stdout is the absolute path of llama-server; llama-perplexity lies beside it.
 set -euo pipefail
 
 CACHE="${1:-${TOKENMILL_LLAMA_CACHE:-$HOME/.cache/tokenmill/llama.cpp}}"
 PYTHON="${PYTHON:-python3}"
 JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
-SPEC="llama-cpp-python${LLAMA_CPP_PYTHON_VERSION:+==$LLAMA_CPP_PYTHON_VERSION}"
 BIN="$CACHE/build/bin/llama-server"
 
 # Static, no libcurl (no model downloads needed; the server is given a local GGUF).
@@ -36,15 +35,28 @@ CMAKE_ARGS+=(${LLAMA_CMAKE_ARGS:-})
 
 # Rebuild only when the binary is missing or was built with other arguments.
 STAMP="$CACHE/build/tokenmill-cmake-args"
-if [[ -x "$BIN" && -f "$STAMP" && "$(cat "$STAMP")" == "${CMAKE_ARGS[*]}" ]]; then
+if [[ -x "$BIN" && -x "${BIN%/*}/llama-perplexity" && -f "$STAMP" && "$(cat "$STAMP")" == "${CMAKE_ARGS[*]}" ]]; then
     echo "$BIN"
     exit 0
 fi
 
 mkdir -p "$CACHE/sdist"
 if ! compgen -G "$CACHE/sdist/llama_cpp_python-*.tar.gz" >/dev/null; then
-    echo "downloading $SPEC sdist into $CACHE/sdist" >&2
-    "$PYTHON" -m pip download --no-binary :all: --no-deps "$SPEC" -d "$CACHE/sdist" >&2
+    echo "downloading the llama-cpp-python sdist into $CACHE/sdist" >&2
+    # Straight from the index: `pip download --no-binary` would build scikit-build-core and cmake from
+    # source just to read the package's metadata.
+    "$PYTHON" - "$CACHE/sdist" "${LLAMA_CPP_PYTHON_VERSION:-}" <<'PY' >&2
+import hashlib, re, sys, urllib.request
+folder, version = sys.argv[1], sys.argv[2]
+page = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/").read().decode()
+links = re.findall(r'href="([^"]*/llama_cpp_python-([0-9.]+)\.tar\.gz)#sha256=([0-9a-f]+)"', page)
+if version:
+    links = [link for link in links if link[1] == version]
+url, version, digest = max(links, key=lambda link: tuple(map(int, link[1].split("."))))
+data = urllib.request.urlopen(url).read()
+assert hashlib.sha256(data).hexdigest() == digest, "sdist checksum mismatch"
+open(f"{folder}/llama_cpp_python-{version}.tar.gz", "wb").write(data)
+PY
 fi
 SDIST="$(ls -1 "$CACHE"/sdist/llama_cpp_python-*.tar.gz | sort -V | tail -n 1)"
 
@@ -59,7 +71,8 @@ if [[ ! -f "$SRC/vendor/llama.cpp/CMakeLists.txt" ]]; then
 fi
 
 cmake -S "$SRC/vendor/llama.cpp" -B "$CACHE/build" "${CMAKE_ARGS[@]}" >&2
-cmake --build "$CACHE/build" --target llama-server -j"$JOBS" >&2
+# llama-perplexity too: the quality report measures llama.cpp's perplexity on the same text.
+cmake --build "$CACHE/build" --target llama-server llama-perplexity -j"$JOBS" >&2
 
 test -x "$BIN"
 printf '%s' "${CMAKE_ARGS[*]}" > "$STAMP"
