@@ -180,10 +180,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """Causal attention of packed queries over paged KV; same contract as `kernels.reference`.
 
     Never syncs with the device, so it can be captured in a CUDA graph; it needs no plan (plan_attention's is
-    None). The optional hints only tune the
-    launch (results do not depend on them): max_q_len (default: 1 if every sequence could be a decode,
-    else num_tokens), max_seq_len (default: the block table's capacity), num_splits (default: chosen
-    from the shapes). Under graph capture, pass hints that stay fixed for the captured shapes.
+    None). The optional hints only tune the launch (results do not depend on them): max_q_len (default: 1 if
+    every sequence could be a decode, else num_tokens), max_seq_len (default: the block table's capacity),
+    num_splits (default: chosen from the shapes). Under graph capture, pass hints that stay fixed for the
+    captured shapes.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
