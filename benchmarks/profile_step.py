@@ -4,7 +4,7 @@ and the engine's own Python (scheduling, input building, detokenizing).
     python benchmarks/profile_step.py --dtype float32 --num-requests 32
 
 Runs the seeded mixed workload of throughput.py through LLM.generate under torch.profiler. Attention
-(KV write + paged attention), the forward pass and the sampler are timed inclusively by wrapping them
+(rotary + KV write + paged attention), the forward pass and the sampler are timed inclusively by wrapping them
 in record_function; linear layers are the self time of aten::addmm and aten::mm. Shares are of the
 whole run's wall time.
 """
@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.datasets import synthetic_requests  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
-from kernels import reference  # noqa: E402
 
 MATMUL_OPS = ("aten::addmm", "aten::mm")
 
@@ -59,8 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = llm.engine
     label(engine.runner, "execute", "forward")
     label(engine, "sampler", "sampling")
-    label(reference, "paged_attention", "attention")  # the layers look the op up on every call
-    label(reference, "write_kv_cache", "attention")
+    ops = engine.runner.ops  # the layers look the ops up on every call
+    label(ops, "paged_attention", "attention")
+    label(ops, "rotary_and_cache", "attention")
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
@@ -73,8 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     forward, attention, sampling = times.get("forward", 0.0), times.get("attention", 0.0), times.get("sampling", 0.0)
     shares = {
         "linear layers (matmul)": matmul,
-        "attention (KV write + paged attention)": attention,
-        "rest of the forward (norms, rotary, SiLU, embedding, inputs)": forward - matmul - attention,
+        "attention (rotary + KV write + paged attention)": attention,
+        "rest of the forward (norms, SiLU, embedding, inputs)": forward - matmul - attention,
         "sampling": sampling,
         "engine Python outside forward and sampling": wall - forward - sampling,
     }

@@ -40,8 +40,9 @@ class ModelRunner:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
         self.block_size = config.block_size
+        self.ops = kernel_ops(self.device, config.cpu_kernels)
         with torch.device(self.device), _default_dtype(self.dtype):
-            self.model = LlamaForCausalLM(model_config, kernel_ops(self.device))
+            self.model = LlamaForCausalLM(model_config, self.ops)
         if weights is None:
             init_dummy_weights(self.model, config.seed)
         else:
@@ -137,8 +138,10 @@ class ModelRunner:
             return graphs.run(ids, pos, slot_mapping, tables, lens).float(), sample_seqs
         dev = self.device
         ids, pos, slot_mapping, tables, lens = (t.to(dev) for t in (ids, pos, slot_mapping, tables, lens))
-        meta = AttentionMetadata(slot_mapping, tables, lens,
-                                 torch.tensor(query_start_loc, dtype=torch.int32, device=dev))
+        starts = torch.tensor(query_start_loc, dtype=torch.int32, device=dev)
+        # Once per step, not per layer: whatever host-side layout the attention op wants.
+        plan = self.ops.plan_attention(tables, lens, starts, bs)
+        meta = AttentionMetadata(slot_mapping, tables, lens, starts, plan)
         hidden = self.model(ids, pos, self.kv_caches, meta)
         if not sample_seqs:
             return None, []

@@ -6,9 +6,11 @@ Without a GPU they run on CPU tensors under the interpreter (TRITON_INTERPRET=1 
 """
 _MODULES = {
     "paged_attention": "kernels.attention",
+    "plan_attention": "kernels.attention",
     "write_kv_cache": "kernels.kv_cache",
     "rms_norm": "kernels.norm",
     "rotary_embedding": "kernels.rotary",
+    "rotary_and_cache": "kernels.rotary",
     "silu_and_mul": "kernels.activation",
 }
 __all__ = list(_MODULES)

@@ -166,17 +166,24 @@ def choose_num_splits(num_programs: int, max_seq_len: int, device: torch.device)
     return max(1, min(wanted, triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT), _MAX_SPLITS))
 
 
+def plan_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                   block_size: int) -> None:
+    """No per-step host plan: the kernel finds each program's sequence on the device."""
+    return None
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float,
-                    out: torch.Tensor | None = None, *, max_q_len: int | None = None,
+                    out: torch.Tensor | None = None, plan: None = None, *, max_q_len: int | None = None,
                     max_seq_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
     """Causal attention of packed queries over paged KV; same contract as `kernels.reference`.
 
-    Never syncs with the device, so it can be captured in a CUDA graph. The optional hints only tune the
-    launch (results do not depend on them): max_q_len (default: 1 if every sequence could be a decode,
-    else num_tokens), max_seq_len (default: the block table's capacity), num_splits (default: chosen
-    from the shapes). Under graph capture, pass hints that stay fixed for the captured shapes.
+    Never syncs with the device, so it can be captured in a CUDA graph; it needs no plan (plan_attention's is
+    None). The optional hints only tune the launch (results do not depend on them): max_q_len (default: 1 if
+    every sequence could be a decode, else num_tokens), max_seq_len (default: the block table's capacity),
+    num_splits (default: chosen from the shapes). Under graph capture, pass hints that stay fixed for the
+    captured shapes.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape

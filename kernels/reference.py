@@ -6,6 +6,8 @@ Shapes follow the paged layout: caches are [num_blocks, block_size, num_kv_heads
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -28,74 +30,109 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torc
     return cache[block_table[:num_blocks].long()].flatten(0, 1)[:length]
 
 
+@dataclass
+class DecodeGroup:
+    """Single-query sequences attended in one batched call, gathered padded to the group's longest."""
+
+    q_rows: torch.Tensor  # [B] the sequences' query rows
+    tables: torch.Tensor  # [B, blocks] int64 block tables cut to the longest sequence's blocks
+    max_len: int
+    mask: torch.Tensor | None  # [B, 1, 1, max_len] keys each sequence sees; None when all are max_len long
+
+
+@dataclass
+class Prefill:
+    """A sequence with several queries: its rows of q and what they may see."""
+
+    start: int
+    q_len: int
+    seq_len: int
+    block_table: torch.Tensor
+    mask: torch.Tensor | None  # [q_len, seq_len]; None when the queries are the whole sequence (causal)
+
+
+@dataclass
+class AttentionPlan:
+    """The host-side layout of one step's attention: the same for every layer, so built once per step."""
+
+    decode_groups: list[DecodeGroup]
+    prefills: list[Prefill]
+
+
+def plan_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                   block_size: int) -> AttentionPlan:
+    """Sort the step's sequences into batched decode groups and single prefills (see paged_attention)."""
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    q_lens = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    prefills = []
+    for i, q_len in enumerate(q_lens):
+        if q_len > 1:
+            seq_len = lens[i]
+            # Query j may see keys 0 .. seq_len - q_len + j.
+            mask = None
+            if q_len != seq_len:
+                mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=block_tables.device).tril(seq_len - q_len)
+            prefills.append(Prefill(starts[i], q_len, seq_len, block_tables[i], mask))
+    decodes = sorted((i for i, n in enumerate(q_lens) if n == 1), key=lambda i: lens[i])
+    groups: list[list[int]] = []
+    for i in decodes:
+        # Start a new group when padding the group's shortest sequence to this one would waste half.
+        if not groups or lens[i] > 2 * lens[groups[-1][0]] + block_size:
+            groups.append([])
+        groups[-1].append(i)
+    return AttentionPlan([_decode_group(g, starts, lens, block_tables, block_size) for g in groups], prefills)
+
+
+def _decode_group(group: list[int], starts: list[int], lens: list[int], block_tables: torch.Tensor,
+                  block_size: int) -> DecodeGroup:
+    device = block_tables.device
+    group_lens = [lens[i] for i in group]
+    max_len = max(group_lens)
+    tables = block_tables[torch.tensor(group, device=device), : -(-max_len // block_size)].long()
+    mask = None
+    if min(group_lens) != max_len:
+        seq_lens = torch.tensor(group_lens, device=device)
+        mask = (torch.arange(max_len, device=device)[None, :] < seq_lens[:, None])[:, None, None, :]
+    return DecodeGroup(torch.tensor([starts[i] for i in group], device=device), tables, max_len, mask)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, plan: AttentionPlan | None = None) -> torch.Tensor:
     """Causal attention of packed queries over each sequence's paged keys and values.
 
     q: [num_tokens, num_heads, head_dim]; sequence i owns q[query_start_loc[i]:query_start_loc[i+1]],
     whose j-th query sits at position seq_lens[i] - q_len + j and sees positions up to its own.
+    plan: plan_attention's layout of these tensors, when the caller built it once for many layers.
     """
     if out is None:
         out = torch.empty_like(q)
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    q_lens = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-    decodes = [i for i, n in enumerate(q_lens) if n == 1]
-    if decodes:
-        _decode_attention(q, k_cache, v_cache, block_tables, starts, lens, decodes, scale, out)
-    for i, q_len in enumerate(q_lens):
-        if q_len <= 1:
-            continue
-        a, seq_len = starts[i], lens[i]
-        k = _gather(k_cache, block_tables[i], seq_len).transpose(0, 1)
-        v = _gather(v_cache, block_tables[i], seq_len).transpose(0, 1)
-        qi = q[a:a + q_len].transpose(0, 1)
-        # Query j may see keys 0 .. seq_len - q_len + j.
-        mask = None
-        if q_len != seq_len:
-            mask = torch.ones(q_len, seq_len, dtype=torch.bool, device=q.device).tril(seq_len - q_len)
+    if plan is None:
+        plan = plan_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1])
+    for group in plan.decode_groups:
+        _decode_group_attention(q, k_cache, v_cache, group, scale, out)
+    for p in plan.prefills:
+        k = _gather(k_cache, p.block_table, p.seq_len).transpose(0, 1)
+        v = _gather(v_cache, p.block_table, p.seq_len).transpose(0, 1)
+        qi = q[p.start:p.start + p.q_len].transpose(0, 1)
         # 4-D inputs: torch's CPU flash kernel takes those; 3-D ones fall back to the slower math path.
-        o = F.scaled_dot_product_attention(qi[None], k[None].to(q.dtype), v[None].to(q.dtype), attn_mask=mask,
-                                           is_causal=mask is None, scale=scale, enable_gqa=True)
-        out[a:a + q_len] = o[0].transpose(0, 1)
+        o = F.scaled_dot_product_attention(qi[None], k[None].to(q.dtype), v[None].to(q.dtype), attn_mask=p.mask,
+                                           is_causal=p.mask is None, scale=scale, enable_gqa=True)
+        out[p.start:p.start + p.q_len] = o[0].transpose(0, 1)
     return out
 
 
-def _decode_attention(q, k_cache, v_cache, block_tables, starts, lens, decodes, scale, out) -> None:
-    """Single-query sequences in a few batched calls: each call gathers its sequences' blocks padded to
-    its longest, so sequences of similar length are grouped to keep the padding (copied, then masked
-    away) small."""
-    block_size = k_cache.shape[1]
-    decodes = sorted(decodes, key=lambda i: lens[i])
-    group: list[int] = []
-    for i in decodes:
-        # Start a new group when padding the group's shortest sequence to this one would waste half.
-        if group and lens[i] > 2 * lens[group[0]] + block_size:
-            _decode_group(q, k_cache, v_cache, block_tables, starts, lens, group, scale, out, block_size)
-            group = []
-        group.append(i)
-    _decode_group(q, k_cache, v_cache, block_tables, starts, lens, group, scale, out, block_size)
-
-
-def _decode_group(q, k_cache, v_cache, block_tables, starts, lens, group, scale, out, block_size) -> None:
-    rows = torch.tensor(group, device=q.device)
-    group_lens = [lens[i] for i in group]
-    max_len = max(group_lens)
-    tables = block_tables[rows, : -(-max_len // block_size)].long()
+def _decode_group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
+                            scale: float, out: torch.Tensor) -> None:
     # In float32 whatever the dtype: torch's CPU SDPA is several times slower in bfloat16 at one query
     # per sequence than the upcast costs. [B, kv_heads, L, D]
-    k = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).float()
-    v = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).float()
-    mask = None
-    if min(group_lens) != max_len:
-        seq_lens = torch.tensor(group_lens, device=q.device)
-        mask = (torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None])[:, None, None, :]
-    q_rows = torch.tensor([starts[i] for i in group], device=q.device)
-    o = F.scaled_dot_product_attention(q[q_rows].unsqueeze(2).float(), k, v, attn_mask=mask, scale=scale,
+    k = k_cache[group.tables].flatten(1, 2)[:, :group.max_len].transpose(1, 2).float()
+    v = v_cache[group.tables].flatten(1, 2)[:, :group.max_len].transpose(1, 2).float()
+    o = F.scaled_dot_product_attention(q[group.q_rows].unsqueeze(2).float(), k, v, attn_mask=group.mask, scale=scale,
                                        enable_gqa=True)
-    out[q_rows] = o.squeeze(2).to(out.dtype)
+    out[group.q_rows] = o.squeeze(2).to(out.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -132,3 +169,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up for a gated MLP whose input is [..., 2 * d] = cat(gate, up)."""
     d = x.shape[-1] // 2
     return F.silu(x[..., :d]) * x[..., d:]
+
+
+def rotary_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cos_cache: torch.Tensor, sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> None:
+    """rotary_embedding on q and k (in place), then write_kv_cache of k and v: one call per layer."""
+    rotary_embedding(positions, q, k, cos_cache, sin_cache)
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv_cache import write_kv_cache
+
 
 @triton.jit
 def _rotate(x_ptr, token, stride_t, stride_h, num_heads, cos, sin,
@@ -51,3 +53,11 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         HALF=half, BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half),
     )
+
+
+def rotary_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cos_cache: torch.Tensor, sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> None:
+    """rotary_embedding on q and k (in place), then write_kv_cache of k and v."""
+    rotary_embedding(positions, q, k, cos_cache, sin_cache)
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)

@@ -1,5 +1,5 @@
 """The building blocks of a Llama-family decoder. They call the kernel ops chosen for the device:
-Triton kernels on CUDA, the plain-PyTorch references on CPU."""
+Triton kernels on CUDA; on CPU the C++ ops where they build, else the plain-PyTorch references."""
 from __future__ import annotations
 
 import math
@@ -12,12 +12,19 @@ import torch.nn as nn
 from kernels import reference
 
 
-def kernel_ops(device: torch.device) -> ModuleType:
-    """The module whose functions implement the hot ops on this device."""
+def kernel_ops(device: torch.device, cpu_kernels: bool = True) -> ModuleType:
+    """The module whose functions implement the hot ops on this device (cpu_kernels: EngineConfig's)."""
     if device.type == "cuda":
         import kernels
 
         return kernels
+    if cpu_kernels:
+        from kernels import cpu
+
+        if cpu.load():  # else it warned once, and the references serve
+            from kernels.cpu import ops
+
+            return ops
     return reference
 
 
@@ -29,6 +36,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
     seq_lens: torch.Tensor  # [num_seqs] int32: tokens in the cache after this step
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    # The ops module's plan_attention of the above: host-side layout shared by every layer (None: none needed)
+    plan: object | None = None
 
 
 class RMSNorm(nn.Module):
@@ -79,8 +88,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
         self.ops = ops
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
-        self.ops.rotary_embedding(positions, q, k, self.cos, self.sin)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Rotate q and k in place and write k and v into the caches at slot_mapping, in one op."""
+        self.ops.rotary_and_cache(positions, q, k, v, self.cos, self.sin, k_cache, v_cache, slot_mapping)
 
 
 class Attention(nn.Module):
@@ -110,11 +121,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         else:  # rotary works in place: q and k must not alias the projection's output views
             q, k = q.contiguous(), k.contiguous()
-        rotary(positions, q, k)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        rotary(positions, q, k, v, k_cache, v_cache, meta.slot_mapping)
         o = self.ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                     meta.query_start_loc, self.scale)
+                                     meta.query_start_loc, self.scale, plan=meta.plan)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 

@@ -1,4 +1,5 @@
-"""write_kv_cache, rms_norm, rotary_embedding and silu_and_mul against kernels.reference."""
+"""write_kv_cache, rms_norm, rotary_embedding (alone and fused with the KV write) and silu_and_mul against
+kernels.reference."""
 import pytest
 import torch
 from kernel_utils import DEVICE, rel_err, tolerance
@@ -69,6 +70,21 @@ def test_rotary_embedding(dtype, head_dim):
     assert rel_err(q, q_ref) < tolerance(dtype)
     assert rel_err(k, k_ref) < tolerance(dtype)
     assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim:], v_before)  # v untouched
+
+
+def test_rotary_and_cache_rotates_and_writes_like_the_reference():
+    num_tokens, num_heads, num_kv_heads, head_dim, block_size = 5, 4, 2, 64, 16
+    angles = torch.outer(torch.arange(32).float(), torch.rand(head_dim // 2))
+    cos, sin = angles.cos().to(DEVICE), angles.sin().to(DEVICE)
+    positions = torch.randint(0, 32, (num_tokens,), device=DEVICE)
+    q, k, v = (torch.randn(num_tokens, h, head_dim, device=DEVICE) for h in (num_heads, num_kv_heads, num_kv_heads))
+    slots = torch.tensor([4, -1, 17, 0, 31], device=DEVICE)
+    caches = [torch.zeros(2, block_size, num_kv_heads, head_dim, device=DEVICE) for _ in range(2)]
+    expected = [t.clone() for t in (q, k, *caches)]
+    kernels.rotary_and_cache(positions, q, k, v, cos, sin, *caches, slots)
+    reference.rotary_and_cache(positions, expected[0], expected[1], v, cos, sin, *expected[2:], slots)
+    for got, want in zip((q, k, *caches), expected, strict=True):
+        assert rel_err(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

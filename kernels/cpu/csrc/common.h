@@ -1,0 +1,62 @@
+// Shared helpers of the CPU ops: the float types they take, and float conversion of rows.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
+namespace tokenmill {
+
+using Vec = at::vec::Vectorized<float>;
+
+// Calls f(scalar_t{}) for the activation and cache dtypes the engine runs: float32, bfloat16, float16.
+template <typename F>
+void dispatch_float(at::ScalarType type, const char* op, F&& f) {
+  switch (type) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, op, ": dtype ", type, " is not supported (float32, bfloat16, float16)");
+  }
+}
+
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  at::vec::convert(src, dst, n);
+}
+
+template <typename T>
+inline void from_float(const float* src, T* dst, int64_t n) {
+  at::vec::convert(src, dst, n);
+}
+
+// x rounded to T and back: reproduces the reference's intermediate roundings in low precision.
+template <typename T>
+inline float round_to(float x) {
+  return static_cast<float>(static_cast<T>(x));
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec sum(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) sum = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), sum);
+  float s = sum.reduce_add();
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Rows [begin, end) of a loop over `n` rows of `row_cost` elements each, threaded when big enough that
+// the pool's wake-up pays off (small decode batches run inline on the calling thread).
+template <typename F>
+void parallel_rows(int64_t n, int64_t row_cost, const F& f) {
+  constexpr int64_t kMinElementsPerTask = 1 << 15;
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, row_cost));
+  at::parallel_for(0, n, grain, f);
+}
+
+}  // namespace tokenmill
