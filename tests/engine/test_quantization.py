@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_llm import PROMPTS
 
 from engine import LLM, SamplingParams
 from engine.quantization import (
@@ -121,3 +122,15 @@ def test_int8_and_int4_quantize_dummy_weights_and_keep_the_embedding_tied(tiny_c
     out = llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_gguf_blocks_kept_packed_generate_mostly_the_float32_greedy_tokens():
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    ref = [o.outputs[0].token_ids for o in LLM(dtype="float32").generate(PROMPTS, greedy, use_tqdm=False)]
+    llm = LLM(quantization="gguf")
+    assert isinstance(llm.engine.runner.model.layers[0].mlp.gate_up_proj, Int4Linear)
+    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+    agreeing = sum(next((i for i, (a, b) in enumerate(zip(g, r, strict=False)) if a != b), len(r))
+                   for g, r in zip(got, ref, strict=True))
+    # Measured: 80% of the tokens come before the first divergence (7 of 9 prompts identical).
+    assert agreeing / sum(map(len, ref)) >= 0.6
