@@ -1,15 +1,14 @@
 """Linears whose weights stay packed at run time, and the packing: GGUF blocks, int8 and int4 quantization.
 
-`pack_linears` swaps every nn.Linear of a loaded model for a packed one:
+`pack_linears` swaps every nn.Linear of a loaded model for a packed one (CPU only):
 - gguf: a GGUF's own Q4_0/Q4_1 blocks repacked losslessly into torch's int4 format (groups of 32);
   Q8_0 blocks become two int4 planes (high and low nibble of q + 128) whose sum is the block exactly.
-- int8: per-output-channel symmetric int8 of any checkpoint; int4: groups of 32, asymmetric min/max.
-- no quantization, float32 on CPU: weights prepacked for oneDNN where that measured faster than F.linear.
+- int8: per-output-channel symmetric int8 of any checkpoint; int4: groups of 32, asymmetric min/max (the
+  LM head in int8).
 
 Every quantization group runs along the input dimension, so rows of fused projections (q|k|v, gate|up)
-concatenate as they are. The packed CPU kernels are fast with bfloat16 activations; a step with many rows
-(a prefill chunk, a large decode batch) is faster as a plain bfloat16 matmul, which a layer takes when it
-keeps a dense copy: see `PackedLinear.dense_min_rows`.
+concatenate as they are. The packed kernels run with bfloat16 activations and win at small steps; a step
+with many rows (a prefill chunk, a large decode batch) takes a plain matmul of a dense copy: `dense_route`.
 """
 from __future__ import annotations
 
@@ -209,7 +208,7 @@ def _quantized_linear(model: nn.Module, name: str, linear: nn.Linear, mode: str,
         packed = Int4Planes.cat([gguf_to_int4(*blocks[n]) for n in _source_names(model, name)])
     elif mode == "int4" and name != "lm_head":
         packed = quantize_int4(w)
-    else:  # int4 keeps the LM head in int8: at int4 it alone turned 19% of greedy picks (see RESULTS.md)
+    else:  # int4 keeps the LM head in int8: at int4 it alone changed the top-1 token at 19% of a text's positions
         packed = quantize_int8(w)
     # The model's weight takes the values the kernels compute with, so that every route (and, when tied, the
     # input embedding) runs the same quantized model; it is the dense copy for large steps, free when the
