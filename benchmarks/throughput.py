@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-format", default="auto", choices=["auto", "gguf", "safetensors", "dummy"])
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
+    p.add_argument("--quantization", default=None, choices=["gguf", "int8", "int4"],
+                   help="tokenmill's weights kept quantized (transformers runs the dequantized model)")
     p.add_argument("--num-requests", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -139,6 +141,7 @@ def single_decode(llm: LLM, hf, prompt: list[int], n: int, device: torch.device)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
+              quantization=args.quantization,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               seed=args.seed)
     runner = llm.engine.runner

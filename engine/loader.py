@@ -154,15 +154,32 @@ def _load_gguf(path: str):
         name=field("general.name") or os.path.basename(path),
     )
 
+    def rows(name: str, w: np.ndarray) -> np.ndarray:  # rows of a float weight or of quantized blocks
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            return _undo_rope_permute(w, cfg.num_attention_heads if "attn_q" in name else cfg.num_key_value_heads)
+        return w
+
     def weights() -> WeightIter:
         for name, t in tensors.items():
-            w = dequantize(t)
-            if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-                n = cfg.num_attention_heads if "attn_q" in name else cfg.num_key_value_heads
-                w = _undo_rope_permute(w, n)
-            yield _gguf_hf_name(name), torch.from_numpy(np.ascontiguousarray(w))
+            yield _gguf_hf_name(name), torch.from_numpy(np.ascontiguousarray(rows(name, dequantize(t))))
 
-    return cfg, load_gguf_tokenizer(path), weights()
+    # Views into the memory-mapped file: they cost nothing until a quantized model reads them.
+    blocks = {_gguf_hf_name(name): (t.tensor_type.name, rows(name, t.data))
+              for name, t in tensors.items() if len(t.shape) == 2}
+    return cfg, load_gguf_tokenizer(path), GGUFWeights(weights(), blocks)
+
+
+class GGUFWeights:
+    """A GGUF file's tensors dequantized to float32 by Hugging Face name (iterate it), and its own quantized
+    blocks for --quantization gguf: `blocks` maps each 2-D weight's Hugging Face name to (GGML type name,
+    its rows as stored, uint8 [rows, bytes per row] for quantized types) in Hugging Face's row order."""
+
+    def __init__(self, weights: WeightIter, blocks: dict[str, tuple[str, np.ndarray]]):
+        self._weights = weights
+        self.blocks = blocks
+
+    def __iter__(self) -> WeightIter:
+        return self._weights
 
 
 # ---- dummy weights ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from .cuda_graph import DecodeGraphs
 from .loader import init_dummy_weights
 from .models.layers import AttentionMetadata, kernel_ops
 from .models.llama import LlamaForCausalLM
+from .quantization import pack_linears
 from .request import Sequence
 from .scheduler import SchedulerOutput
 
@@ -48,6 +49,8 @@ class ModelRunner:
         else:
             with torch.no_grad():
                 self.model.load_weights(weights)
+        with torch.no_grad():
+            pack_linears(self.model, config, weights)
         self.model.eval()
         self.num_blocks = self._num_kv_blocks(max_model_len)
         c = model_config
