@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                        help="turn off automatic prefix caching")
     serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    serve.add_argument("--num-threads", type=int, default=None,
+                       help="torch CPU threads of the engine (default: torch's, one per core)")
     serve.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default: %(default)s)")
     serve.add_argument("--served-model-name", default=None,
                        help="the model name clients use and /v1/models lists (default: the model's own)")
@@ -103,7 +105,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         kv_cache_memory=args.kv_cache_memory,
                         gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
                         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-                        seed=args.seed, fault_injection=args.fault_injection, quantization=args.quantization,
+                        seed=args.seed, num_threads=args.num_threads, fault_injection=args.fault_injection,
+                        quantization=args.quantization,
                         limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts, max_stop=args.max_stop,
                                              max_stop_len=args.max_stop_len,
                                              max_stop_token_ids=args.max_stop_token_ids,
