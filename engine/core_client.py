@@ -172,7 +172,7 @@ class CoreClient(EngineClient):
                 future.set_exception(error)
             stream.put(error)
         routes, self._routes = self._routes, {}
-        for stream in routes.values():
+        for stream in list(routes.values()):  # a core thread that outlived shutdown's timeout may still route
             stream.put(error)
 
 

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 from api_helpers import ServeProcess, ServerThread, free_port, wait_until
 
@@ -131,25 +130,44 @@ def test_a_killed_engine_process_fails_open_streams_and_health(mp_http, mp_engin
     assert len(deaths) == 1 and not mp_engine.is_running
 
 
-def engine_process_of(server: ServeProcess) -> psutil.Process:
-    (child,) = [p for p in psutil.Process(server.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
-    return child
+def engine_pid(server: ServeProcess) -> int:
+    """The server's child that multiprocessing spawned (read from /proc)."""
+    (pid,) = [int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+              if _stat(stat.parent.name)[1:2] == [str(server.proc.pid)]
+              and b"spawn_main" in (stat.parent / "cmdline").read_bytes()]
+    return pid
 
 
+def _stat(pid: str) -> list[str]:
+    """[state, parent pid, ...] of a process; [] once it is gone."""
+    try:
+        return (Path("/proc") / pid / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def is_alive(pid: int) -> bool:
+    return _stat(str(pid))[:1] not in ([], ["Z"], ["X"])  # a zombie is dead, just not yet reaped
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG")
+
+
+@linux_only
 def test_serve_exits_1_when_its_engine_process_is_killed(tmp_path, tiny_model):
     with ServeProcess(serve_args(tiny_model), tmp_path / "server.log") as server:
-        engine_process_of(server).kill()
+        os.kill(engine_pid(server), signal.SIGKILL)
         assert server.proc.wait(60) == 1, server.log()
         assert "the engine died (its process was killed by SIGKILL)" in server.log()
 
 
+@linux_only
 def test_the_engine_process_dies_with_the_server_even_by_sigkill(tmp_path, tiny_model):
     with ServeProcess(serve_args(tiny_model), tmp_path / "server.log") as server:
-        engine = engine_process_of(server)
+        engine = engine_pid(server)
         server.proc.kill()
         server.proc.wait(10)
-        gone, alive = psutil.wait_procs([engine], timeout=5)
-        assert not alive
+        assert wait_until(lambda: not is_alive(engine), timeout=5)
 
 
 def test_a_model_that_cannot_load_gives_the_loaders_message(tmp_path):
