@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep weights quantized at run time: gguf keeps a GGUF's own Q4_0/Q4_1/Q8_0 blocks, "
                             "int8/int4 quantize any checkpoint at load; computes in bfloat16 unless --dtype "
                             "says otherwise (default: full precision)")
+    serve.add_argument("--load-format", default="auto", choices=["auto", "gguf", "safetensors", "dummy"],
+                       help="how to read MODEL; dummy: random weights for the architecture in MODEL's config.json "
+                            "(for testing and profiling) (default: %(default)s)")
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="context length in tokens (default: the model's, capped by the KV cache)")
@@ -57,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                        help="turn off automatic prefix caching")
     serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    serve.add_argument("--num-threads", type=int, default=None,
+                       help="torch CPU threads of the engine (default: torch's, one per core)")
     serve.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default: %(default)s)")
     serve.add_argument("--served-model-name", default=None,
                        help="the model name clients use and /v1/models lists (default: the model's own)")
@@ -78,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--fault-injection", default=None,
                        help="testing only: make chosen requests or steps fail (request:MARKER, "
                             "sampler:MARKER, step:N; see engine/faults.py)")
+    serve.add_argument("--engine-in-process", action="store_true",
+                       help="run the engine on a thread of the server's process rather than in a process of its "
+                            "own (slower under load: HTTP work and the step loop then share one GIL)")
     serve.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                        help="require `Authorization: Bearer KEY` on /v1, /tokenize and /detokenize "
                             "(default: $TOKENMILL_API_KEY; none: open)")
@@ -91,12 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
+                        max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         kv_cache_memory=args.kv_cache_memory,
                         gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
                         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-                        seed=args.seed, fault_injection=args.fault_injection, quantization=args.quantization,
+                        seed=args.seed, num_threads=args.num_threads, fault_injection=args.fault_injection,
+                        quantization=args.quantization,
                         limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts, max_stop=args.max_stop,
                                              max_stop_len=args.max_stop_len,
                                              max_stop_token_ids=args.max_stop_token_ids,
@@ -131,9 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"tokenmill serve: {e}", file=sys.stderr)
         return 2
+    from engine.core_client import EngineStartupError
+
     from .server import run_server  # the web stack loads only for `serve`
 
-    return run_server(config, args.host, args.port, args.served_model_name, args.api_key, args.sse_ping_interval)
+    try:
+        return run_server(config, args.host, args.port, args.served_model_name, args.api_key,
+                          args.sse_ping_interval, args.engine_in_process)
+    except EngineStartupError as e:
+        print(f"tokenmill serve: the engine failed to start: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

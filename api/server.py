@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import torch
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
@@ -18,6 +19,7 @@ from sse_starlette.sse import AppStatus
 
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig
+from engine.core_client import MPEngineClient
 from engine.engine_client import EngineClient
 
 from .errors import EXPECTED_ERRORS, APIError, bad_request, install_error_handlers, internal_error
@@ -160,16 +162,22 @@ def build_app(engine: EngineClient, served_model_name: str | None = None, api_ke
 
 
 def run_server(config: EngineConfig, host: str, port: int, served_model_name: str | None = None,
-               api_key: str | None = None, sse_ping_s: float = 15.0) -> int:
+               api_key: str | None = None, sse_ping_s: float = 15.0, engine_in_process: bool = False) -> int:
     """Load the model, then serve until SIGINT or SIGTERM (which drain in-flight requests first).
 
-    Returns the exit status: 0 after a clean stop, 1 if the engine died (so a supervisor restarts us)."""
-    engine = AsyncLLMEngine.from_config(config)
+    The engine runs in a process of its own, or with engine_in_process on a thread of this one. Raises
+    EngineStartupError if the engine cannot load the model. Returns the exit status: 0 after a clean
+    stop, 1 if the engine died (so a supervisor restarts us)."""
+    if engine_in_process:
+        engine: EngineClient = AsyncLLMEngine.from_config(config)
+    else:
+        torch.set_num_threads(1)  # this process only tokenizes and serves HTTP: the cores are the engine's
+        engine = MPEngineClient(config)
     app = build_app(engine, served_model_name, api_key, sse_ping_s=sse_ping_s)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
 
-    def stop_serving(error: Exception) -> None:  # runs on the engine thread; a plain flag
+    def stop_serving(error: Exception) -> None:  # runs on the engine's thread or reader; a plain flag
         logger.critical("shutting down: %s", error)
         server.should_exit = True  # open streams end by themselves, with the error as their last event
 

@@ -3,9 +3,9 @@
 Four things: add a request and get a stream of its output deltas, abort requests, ask whether the
 engine is dead, and read its stats. Everything a client controls is checked on the client's side
 (limits, prompt length, queue space) before the engine spends anything on it, and tokenization and
-chat templates run on the client's worker pool, never on the engine's step loop. AsyncLLMEngine runs
-the engine on a thread of the same process; moving it to a process of its own changes only the
-transport behind these calls, and each engine of a multi-model server fails on its own.
+chat templates run on the client's worker pool, never on the engine's step loop. CoreClient
+(core_client.py) implements it over an EngineCore: in a process of its own (MPEngineClient, the
+server's default) or on a thread of this one (AsyncLLMEngine); only the transport differs.
 """
 from __future__ import annotations
 
@@ -50,9 +50,10 @@ class RequestStream:
     (break, cancellation, client disconnect) aborts the request and frees its blocks.
     """
 
-    def __init__(self, request_id: str, num_seqs: int, client: EngineClient):
+    def __init__(self, request_id: str, num_seqs: int, client: EngineClient, prompt_token_ids: list[int]):
         self.request_id = request_id
         self.num_seqs = num_seqs
+        self.prompt_token_ids = prompt_token_ids  # the engine's deltas leave them out
         self._client = client
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -163,7 +164,7 @@ class EngineClient(ABC):
         `param` when the prompt is at fault; EngineOverloadedError over the queue bound;
         EngineDeadError or EngineStoppedError when the engine is gone."""
         self._check_alive()
-        if request_id in self._live:
+        if self._in_use(request_id):
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         arrival_time = arrival_time or time.time()
         self.limits.check_params(params)
@@ -176,9 +177,9 @@ class EngineClient(ABC):
                 f"may be (--max-num-seqs {self.config.max_num_seqs} + --max-queue-len "
                 f"{self.limits.max_waiting_seqs}); retry later", retry_after=1)
         self._check_alive()
-        if request_id in self._live:  # taken while this one was tokenized
+        if self._in_use(request_id):  # taken while this one was tokenized
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
-        stream = RequestStream(request_id, params.n, self)
+        stream = RequestStream(request_id, params.n, self, ids)
         self._num_seqs += params.n
         self._live[request_id] = stream
         added = self._submit_add(request_id, ids, params, arrival_time, stream)
@@ -203,6 +204,10 @@ class EngineClient(ABC):
             if stream is not None:
                 stream._deliver(RequestFailedError(f"request {rid} was aborted"))
         self._submit_abort(ids)
+
+    def _in_use(self, request_id: str) -> bool:
+        """The id belongs to a request that has not ended (for the engine too, where a client knows more)."""
+        return request_id in self._live
 
     def _release(self, stream: RequestStream) -> None:
         if self._live.get(stream.request_id) is stream:

@@ -10,8 +10,8 @@ import time
 import httpx
 import uvicorn
 
-from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig, ModelConfig
+from engine.engine_client import EngineClient
 from engine.limits import RequestLimits
 from engine.llm_engine import EngineStats
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -69,7 +69,7 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool
     return predicate()
 
 
-def engine_generate(engine: AsyncLLMEngine, prompt, **params):
+def engine_generate(engine: EngineClient, prompt, **params):
     """The oracle for the HTTP layer: the same engine driven directly, without HTTP."""
     from engine.outputs import RequestOutput
     from engine.sampling_params import SamplingParams

@@ -93,8 +93,11 @@ def test_sizes_and_bench_delegation(capsys, tmp_path, monkeypatch):
 
 def test_engine_flags_map_onto_the_engine_config(tmp_path):
     args = build_parser().parse_args(["serve", str(tmp_path), "--block-size", "32", "--no-enable-prefix-caching",
-                                      "--enforce-eager", "--seed", "7", "--gpu-memory-utilization", "0.5"])
+                                      "--enforce-eager", "--seed", "7", "--gpu-memory-utilization", "0.5",
+                                      "--load-format", "dummy", "--engine-in-process"])
     config = engine_config(args)
     assert (config.block_size, config.enable_prefix_caching, config.enforce_eager, config.seed,
-            config.gpu_memory_utilization) == (32, False, True, 7, 0.5)
-    assert engine_config(build_parser().parse_args(["serve"])).enable_prefix_caching
+            config.gpu_memory_utilization, config.load_format) == (32, False, True, 7, 0.5, "dummy")
+    assert args.engine_in_process
+    defaults = build_parser().parse_args(["serve"])
+    assert engine_config(defaults).enable_prefix_caching and not defaults.engine_in_process

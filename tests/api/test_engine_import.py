@@ -10,7 +10,7 @@ class Block:
         if name.split(".")[0] in ("fastapi", "uvicorn", "starlette", "sse_starlette", "prometheus_client", "api"):
             raise ImportError(f"{name} is blocked in this test")
 sys.meta_path.insert(0, Block())
-import engine, engine.async_engine
+import engine, engine.async_engine, engine.core_client, engine.engine_core
 from engine import LLM, LLMEngine, SamplingParams
 print("ok")
 """

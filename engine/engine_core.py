@@ -1,0 +1,186 @@
+"""EngineCore: LLMEngine's step loop, fed by a queue of commands, answering with one message per round.
+
+A round applies every command that came in (add, abort, shutdown), runs one step if any request is
+unfinished, and emits one CoreOutputs: the adds it took or refused, the aborts it applied, the step's
+output deltas and a stats snapshot. The same loop runs on a thread of the server (AsyncLLMEngine) or in
+a process of its own (run_engine_core_process, driven by MPEngineClient: the server's default), so a
+client sees the same messages in the same order either way; only the transport differs.
+
+Deltas travel without their prompt's token ids (the client has them), so a message costs O(batch), not
+O(context).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .config import EngineConfig, ModelConfig
+from .llm_engine import EngineStats, LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+# ---- client -> core --------------------------------------------------------------------------
+
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+
+
+@dataclass
+class AbortRequests:
+    request_ids: list[str]
+
+
+@dataclass
+class Shutdown:
+    """Stop after the commands before this one; requests still in flight are left to the client to fail."""
+
+
+Command = AddRequest | AbortRequests | Shutdown
+
+
+# ---- core -> client --------------------------------------------------------------------------
+
+@dataclass
+class CoreOutputs:
+    """One round's results, in command order within each list."""
+
+    stats: EngineStats
+    added: list[tuple[str, str | None]] = field(default_factory=list)  # (request id, why refused or None)
+    aborted: list[str] = field(default_factory=list)
+    outputs: list[RequestOutput] = field(default_factory=list)  # deltas, prompt_token_ids left empty
+
+
+@dataclass
+class CoreReady:
+    """The engine process loaded its model: what the client needs to check and tokenize requests on its
+    side. The tokenizer travels pickled (a second build from a GGUF file would take seconds of CPU)."""
+
+    model_config: ModelConfig
+    tokenizer: Any
+    max_model_len: int
+    stats: EngineStats
+
+
+@dataclass
+class CoreFailed:
+    """The engine process cannot go on (or could not start); it exits after sending this."""
+
+    reason: str  # "TypeName: message"
+    traceback: str
+
+    @classmethod
+    def of(cls, error: BaseException) -> CoreFailed:
+        return cls(f"{type(error).__name__}: {error}", "".join(traceback.format_exception(error)))
+
+
+class EngineCore:
+    """Runs rounds until a Shutdown command (see the module docstring). Anything that raises out of run()
+    is a fault of the engine itself; one request's failure is handled inside LLMEngine."""
+
+    def __init__(self, engine: LLMEngine, commands: queue.SimpleQueue, emit: Callable[[CoreOutputs], None]):
+        self.engine = engine
+        self.commands = commands
+        self.emit = emit
+
+    def run(self) -> None:
+        engine = self.engine
+        while True:
+            # Idle, wait for a command; busy, take whatever came in during the last step.
+            commands = [] if engine.has_unfinished_requests() else [self.commands.get()]
+            while not self.commands.empty():
+                commands.append(self.commands.get_nowait())
+            added: list[tuple[str, str | None]] = []
+            aborted: list[str] = []
+            for command in commands:
+                if isinstance(command, Shutdown):
+                    return
+                if isinstance(command, AbortRequests):
+                    engine.abort_request(command.request_ids)
+                    aborted += command.request_ids
+                else:
+                    added.append((command.request_id, self._add(command)))
+            outputs = engine.step() if engine.has_unfinished_requests() else []
+            for delta in outputs:
+                delta.prompt_token_ids = []
+            # Stats after the step, so a client that has seen a token sees it counted in the metrics too.
+            self.emit(CoreOutputs(engine.stats(), added, aborted, outputs))
+
+    def _add(self, command: AddRequest) -> str | None:
+        """Add the request; None, or why it was refused (its own problem: the client checked it already)."""
+        try:
+            self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
+                                    command.arrival_time)
+        except ValueError as e:
+            return str(e)
+        return None
+
+
+# ---- the engine process ----------------------------------------------------------------------
+
+def run_engine_core_process(config: EngineConfig, conn: Connection, parent_pid: int, log_level: int) -> None:
+    """The engine process's main: load the model, send CoreReady (or CoreFailed and exit 1), then serve
+    rounds over `conn` until Shutdown, the server's death, or a fault (CoreFailed, exit 1)."""
+    _die_with_parent(parent_pid)
+    # Ctrl-C and a supervisor's SIGTERM reach the whole process group: the server decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
+    try:
+        engine = LLMEngine(config)  # sets torch's threads: config.num_threads, else torch's default (all cores)
+    except Exception as e:
+        conn.send(CoreFailed.of(e))
+        sys.exit(1)
+    conn.send(CoreReady(engine.model_config, engine.get_tokenizer(), engine.max_model_len, engine.stats()))
+    commands: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_receive_commands, args=(conn, commands), name="tokenmill-commands", daemon=True).start()
+    try:
+        EngineCore(engine, commands, conn.send).run()
+    except BaseException as e:  # noqa: B036 - whatever ends the loop, the server must hear why
+        try:
+            conn.send(CoreFailed.of(e))
+        except OSError:
+            pass  # the server is gone too
+        sys.exit(1)
+
+
+def _receive_commands(conn: Connection, commands: queue.SimpleQueue) -> None:
+    """Read commands as they come, even during a step, so the server's sends never wait on one; EOF
+    means the server's process is gone, and then so are we (after the step in progress)."""
+    try:
+        while True:
+            commands.put(conn.recv())
+    except (EOFError, OSError):
+        commands.put(Shutdown())
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when the server's dies, even by SIGKILL (Linux). The signal
+    follows the server's thread that started us, so the client must be created on a thread that lives
+    as long as the server. Elsewhere, the command pipe's EOF ends us."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); relying on the command pipe",
+                           ctypes.get_errno())
+    if os.getppid() != parent_pid:  # the server died before the prctl took effect
+        os._exit(1)
