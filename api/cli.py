@@ -35,12 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="activations and KV-cache dtype; auto: bfloat16 on GPU or with --quantization, "
-                            "float32 otherwise")
+                       help="activations and KV-cache dtype; auto: bfloat16 on GPU, and with --quantization on a "
+                            "CPU with native bfloat16 (AVX-512); float32 otherwise")
     serve.add_argument("--quantization", default=None, choices=["gguf", "int8", "int4"],
                        help="keep weights quantized at run time: gguf keeps a GGUF's own Q4_0/Q4_1/Q8_0 blocks, "
-                            "int8/int4 quantize any checkpoint at load; computes in bfloat16 unless --dtype "
-                            "says otherwise (default: full precision)")
+                            "int8/int4 quantize any checkpoint at load (default: full precision)")
     serve.add_argument("--load-format", default="auto", choices=["auto", "gguf", "safetensors", "dummy"],
                        help="how to read MODEL; dummy: random weights for the architecture in MODEL's config.json "
                             "(for testing and profiling) (default: %(default)s)")

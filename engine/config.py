@@ -116,9 +116,12 @@ class EngineConfig:
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
-            # Quantized weights compute with bf16 activations: the packed CPU kernels' fast path.
-            gpu_or_quantized = self.torch_device().type == "cuda" or self.quantization is not None
-            return torch.bfloat16 if gpu_or_quantized else torch.float32
+            if self.torch_device().type == "cuda":
+                return torch.bfloat16
+            # Quantized weights compute with bf16 activations where the CPU multiplies bf16 natively (AVX-512):
+            # the packed kernels' fast path. Elsewhere (AVX2) bf16 is emulated and several times slower.
+            bf16_fast = self.quantization is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            return torch.bfloat16 if bf16_fast else torch.float32
         names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
