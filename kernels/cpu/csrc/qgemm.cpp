@@ -4,7 +4,7 @@
 //   int8_linear: qweight int8 [N, K], w = q * scale (GGUF's Q8_0).
 // scales, zeros: float32 [N, K/32]. As llama.cpp does, x is quantized once per call to int8 in groups of 32
 // (its own scale each), so a group's dot product is a few integer multiply-adds (maddubs) and one float FMA:
-// the float alternative (dequantize each weight, FMA) measured 2-3x slower, compute-bound. Threads split the
+// the float alternative (dequantize each weight, FMA) measured 1.5-2.5x slower, compute-bound. Threads split the
 // rows of W, each streaming its rows once for all M rows of x (which stay in cache).
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
