@@ -1,14 +1,16 @@
 """Linears whose weights stay packed at run time, and the packing: GGUF blocks, int8 and int4 quantization.
 
 `pack_linears` swaps every nn.Linear of a loaded model for a packed one (CPU only):
-- gguf: a GGUF's own Q4_0/Q4_1 blocks repacked losslessly into torch's int4 format (groups of 32);
-  Q8_0 blocks become two int4 planes (high and low nibble of q + 128) whose sum is the block exactly.
+- gguf: a GGUF's own Q4_0/Q4_1 blocks, kept losslessly as int4 groups of 32; Q8_0 blocks as int8 groups
+  (or, for torch's kernels, two int4 planes: high and low nibble of q + 128, whose sum is the block exactly).
 - int8: per-output-channel symmetric int8 of any checkpoint; int4: groups of 32, asymmetric min/max (the
   LM head in int8).
 
 Every quantization group runs along the input dimension, so rows of fused projections (q|k|v, gate|up)
-concatenate as they are. The packed kernels run with bfloat16 activations and win at small steps; a step
-with many rows (a prefill chunk, a large decode batch) takes a plain matmul of a dense copy: `dense_route`.
+concatenate as they are. The packed kernels win at small steps: the C++ ops (tokenmill::int4_linear,
+int8_linear) in the activations' dtype where they are loaded, else torch's packed kernels with bfloat16
+activations. A step with many rows (a prefill chunk, a large decode batch) takes a plain matmul of a dense
+copy: `dense_route`.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kernels import cpu
 
 from .config import EngineConfig
 from .loader import GGUFWeights
@@ -71,6 +75,39 @@ class Int4Planes:
                            for plane in zip(*(p.planes for p in parts), strict=True)])
 
 
+class Int8Groups:
+    """Int8 in groups of GROUP_SIZE inputs: w = q * scale, q int8 [N, K], scale float32 [N, K/G]."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        self.q, self.scale = q, scale
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale.repeat_interleave(GROUP_SIZE, 1)
+
+    def int4_planes(self) -> Int4Planes:
+        """The same weight as two int4 planes, for torch's int4 kernel: q + 128 = 16 hi + lo, so
+        w = q * d = 16d * (hi - 8) + [d * (lo - 8) + 8d]."""
+        u = (self.q.to(torch.int16) + 128).to(torch.uint8)
+        d = self.scale
+        return Int4Planes([(u >> 4, 16 * d, torch.zeros_like(d)), (u & 0x0F, d, 8 * d)])
+
+    @staticmethod
+    def cat(parts: Sequence[Int8Groups]) -> Int8Groups:
+        return Int8Groups(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int4 values uint8 [N, K] as tokenmill::int4_linear reads them, uint8 [N, K/2]: in each group's 16 bytes,
+    byte j holds value j in its low nibble and value j + 16 in its high one (GGUF's layout)."""
+    n, k = q.shape
+    halves = q.reshape(n, k // GROUP_SIZE, 2, GROUP_SIZE // 2)
+    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
 # ---- GGUF blocks -----------------------------------------------------------------------------
 
 def _halves(raw: np.ndarray, offset: int) -> np.ndarray:
@@ -84,6 +121,13 @@ def _fp16(raw: np.ndarray, offset: int) -> np.ndarray:
     return np.ascontiguousarray(raw[:, :, offset:offset + 2]).view(np.float16)[..., 0].astype(np.float32)
 
 
+def gguf_q8_0(rows: np.ndarray) -> Int8Groups:
+    """A Q8_0 tensor's blocks (2-byte d, 32 int8: w = q * d) as int8 groups, as they are."""
+    raw = rows.reshape(rows.shape[0], -1, 34)
+    return Int8Groups(torch.from_numpy(np.ascontiguousarray(raw[:, :, 2:]).view(np.int8).reshape(rows.shape[0], -1)),
+                      torch.from_numpy(_fp16(raw, 0)))
+
+
 def gguf_to_int4(kind: str, rows: np.ndarray) -> Int4Planes:
     """A GGUF tensor's blocks (uint8 [N, bytes per row]) as int4 planes with the same dequantized values."""
     n = rows.shape[0]
@@ -95,11 +139,8 @@ def gguf_to_int4(kind: str, rows: np.ndarray) -> Int4Planes:
         raw = rows.reshape(n, -1, 20)
         d, m = torch.from_numpy(_fp16(raw, 0)), torch.from_numpy(_fp16(raw, 2))
         return Int4Planes([(torch.from_numpy(_halves(raw, 4)), d, m + 8 * d)])
-    if kind == "Q8_0":  # 2-byte d, 32 int8: w = q * d = 16d * (hi - 8) + [d * (lo - 8) + 8d], q + 128 = 16 hi + lo
-        raw = rows.reshape(n, -1, 34)
-        d = torch.from_numpy(_fp16(raw, 0))
-        u = torch.from_numpy((raw[:, :, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(n, -1))
-        return Int4Planes([(u >> 4, 16 * d, torch.zeros_like(d)), (u & 0x0F, d, 8 * d)])
+    if kind == "Q8_0":
+        return gguf_q8_0(rows).int4_planes()
     raise ValueError(f"--quantization gguf keeps Q4_0, Q4_1 and Q8_0 blocks, not {kind}; "
                      "use --quantization int4 or int8 to quantize this model at load")
 
@@ -131,8 +172,8 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---- modules -----------------------------------------------------------------------------------
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W packed, computed with bfloat16 activations and returned in x's dtype. With a dense
-    copy of W, a step of at least dense_min_rows rows takes a plain matmul in the copy's dtype instead."""
+    """y = x W^T + b with W packed, returned in x's dtype. With a dense copy of W, a step of at least
+    dense_min_rows rows takes a plain matmul in the copy's dtype instead."""
 
     def __init__(self, out_features: int, bias: torch.Tensor | None, dense: torch.Tensor | None,
                  dense_min_rows: int):
@@ -150,26 +191,34 @@ class PackedLinear(nn.Module):
         if self.dense is not None and x2.shape[0] >= self.dense_min_rows:
             y = F.linear(x2.to(self.dense.dtype), self.dense)
         else:
-            y = self.packed_mm(x2.to(torch.bfloat16))
+            y = self.packed_mm(x2)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 class Int4Linear(PackedLinear):
-    """Int4 planes in torch's CPU packed format (_weight_int4pack_mm_for_cpu), summed."""
+    """Int4 planes: native, one plane through tokenmill::int4_linear in x's dtype; else in torch's CPU packed
+    format (_weight_int4pack_mm_for_cpu) with bfloat16 activations, summed."""
 
     def __init__(self, planes: Int4Planes, bias: torch.Tensor | None = None, dense: torch.Tensor | None = None,
-                 dense_min_rows: int = 0):
+                 dense_min_rows: int = 0, native: bool = False):
         n, _ = planes.shape
         super().__init__(n, bias, dense, dense_min_rows)
+        self.native = native
+        if native:
+            (q, s, z), = planes.planes  # one plane: what GGUF's Q4 blocks and quantize_int4 give
+            self.qweight, self.scales, self.zeros = pack_int4(q), s.contiguous(), (z - 8 * s).contiguous()
+            return
         # scales_and_zeros: [K / group, N, 2] in the activations' dtype
         self.planes = [(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
                         torch.stack([s, z], -1).transpose(0, 1).contiguous().bfloat16())
                        for q, s, z in planes.planes]
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
-        y = None
+        if self.native:
+            return torch.ops.tokenmill.int4_linear(x, self.qweight, self.scales, self.zeros)
+        x, y = x.bfloat16(), None
         for packed, scales_and_zeros in self.planes:
             p = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_and_zeros)
             y = p if y is None else y.add_(p)
@@ -185,7 +234,19 @@ class Int8Linear(PackedLinear):
         self.q, self.scale = q, scale.bfloat16()
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+        return torch.ops.aten._weight_int8pack_mm(x.bfloat16(), self.q, self.scale)
+
+
+class Int8GroupLinear(PackedLinear):
+    """Int8 groups (GGUF's Q8_0) through tokenmill::int8_linear, in x's dtype: the C++ ops must be loaded."""
+
+    def __init__(self, groups: Int8Groups, bias: torch.Tensor | None = None, dense: torch.Tensor | None = None,
+                 dense_min_rows: int = 0):
+        super().__init__(groups.shape[0], bias, dense, dense_min_rows)
+        self.q, self.scale = groups.q.contiguous(), groups.scale.contiguous()
+
+    def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.tokenmill.int8_linear(x, self.q, self.scale)
 
 
 # ---- swapping a model's linears --------------------------------------------------------------------
@@ -200,12 +261,17 @@ def _source_names(model: nn.Module, name: str) -> list[str]:
 
 
 def _quantized_linear(model: nn.Module, name: str, linear: nn.Linear, mode: str,
-                      blocks: dict[str, tuple[str, np.ndarray]] | None, route: DenseRoute) -> PackedLinear:
+                      blocks: dict[str, tuple[str, np.ndarray]] | None, route: DenseRoute,
+                      native: bool) -> PackedLinear:
     w = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
     min_rows = route.lm_head_min_rows if name == "lm_head" else route.layer_min_rows
     if mode == "gguf":
-        packed = Int4Planes.cat([gguf_to_int4(*blocks[n]) for n in _source_names(model, name)])
+        sources = [blocks[n] for n in _source_names(model, name)]
+        if native and all(kind == "Q8_0" for kind, _ in sources):
+            packed = Int8Groups.cat([gguf_q8_0(rows) for _, rows in sources])
+        else:
+            packed = Int4Planes.cat([gguf_to_int4(*source) for source in sources])
     elif mode == "int4" and name != "lm_head":
         packed = quantize_int4(w)
     else:  # int4 keeps the LM head in int8: at int4 it alone changed the top-1 token at 19% of a text's positions
@@ -213,10 +279,12 @@ def _quantized_linear(model: nn.Module, name: str, linear: nn.Linear, mode: str,
     # The model's weight takes the values the kernels compute with, so that every route (and, when tied, the
     # input embedding) runs the same quantized model; it is the dense copy for large steps, free when the
     # dtypes match.
-    w.copy_(packed.dequantize() if isinstance(packed, Int4Planes) else packed[0].float() * packed[1][:, None])
+    w.copy_(packed[0].float() * packed[1][:, None] if isinstance(packed, tuple) else packed.dequantize())
     dense = w.to(route.dtype)
     if isinstance(packed, Int4Planes):
-        return Int4Linear(packed, bias, dense, min_rows)
+        return Int4Linear(packed, bias, dense, min_rows, native)
+    if isinstance(packed, Int8Groups):
+        return Int8GroupLinear(packed, bias, dense, min_rows)
     return Int8Linear(*packed, bias, dense, min_rows)
 
 
@@ -235,8 +303,9 @@ def pack_linears(model: nn.Module, config: EngineConfig, weights: object) -> Non
         raise ValueError(f"quantization 'gguf' keeps a GGUF file's own blocks, but {config.resolved_model()!r} "
                          "is not loaded from a GGUF file; use quantization 'int8' or 'int4' to quantize it at load")
     route = dense_route()
+    native = config.cpu_kernels and cpu.load()  # tokenmill's quantized linears, else torch's packed kernels
     for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
         if linear.in_features % GROUP_SIZE and mode != "int8":
             raise ValueError(f"{name} has {linear.in_features} inputs, not a multiple of the int4 group size "
                              f"{GROUP_SIZE}; use quantization 'int8'")
-        model.set_submodule(name, _quantized_linear(model, name, linear, mode, blocks, route))
+        model.set_submodule(name, _quantized_linear(model, name, linear, mode, blocks, route, native))

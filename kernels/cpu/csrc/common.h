@@ -42,10 +42,17 @@ inline float round_to(float x) {
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
-  Vec sum(0.f);
+  constexpr int64_t V = Vec::size();
+  Vec s0(0.f), s1(0.f), s2(0.f), s3(0.f);  // independent sums: long rows are not one chain of FMA latencies
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) sum = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), sum);
-  float s = sum.reduce_add();
+  for (; i + 4 * V <= n; i += 4 * V) {
+    s0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), s0);
+    s1 = at::vec::fmadd(Vec::loadu(a + i + V), Vec::loadu(b + i + V), s1);
+    s2 = at::vec::fmadd(Vec::loadu(a + i + 2 * V), Vec::loadu(b + i + 2 * V), s2);
+    s3 = at::vec::fmadd(Vec::loadu(a + i + 3 * V), Vec::loadu(b + i + 3 * V), s3);
+  }
+  for (; i + V <= n; i += V) s0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), s0);
+  float s = ((s0 + s1) + (s2 + s3)).reduce_add();
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
