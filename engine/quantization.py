@@ -1,6 +1,7 @@
 """Linears whose weights stay packed at run time, and the packing: GGUF blocks, int8 and int4 quantization.
 
-`pack_linears` swaps every nn.Linear of a loaded model for a packed one (CPU only):
+`pack_linears` swaps every nn.Linear of a loaded model for a packed one (CPU only). Without quantization, in
+float32 with the C++ ops loaded, that is tokenmill's prepacked float32 linear (`DenseLinear`); with it:
 - gguf: a GGUF's own Q4_0/Q4_1 blocks, kept losslessly as int4 groups of 32; Q8_0 blocks as int8 groups
   (or, for torch's kernels, two int4 planes: high and low nibble of q + 128, whose sum is the block exactly).
 - int8: per-output-channel symmetric int8 of any checkpoint; int4: groups of 32, asymmetric min/max (the
@@ -10,7 +11,7 @@ Every quantization group runs along the input dimension, so rows of fused projec
 concatenate as they are. The packed kernels win at small steps: the C++ ops (tokenmill::int4_linear,
 int8_linear) in the activations' dtype where they are loaded, else torch's packed kernels with bfloat16
 activations. A step with many rows (a prefill chunk, a large decode batch) takes a plain matmul of a dense
-copy: `dense_route`.
+copy (`dense_route`): the packed float32 kernel where it is float32 and the C++ ops are loaded.
 """
 from __future__ import annotations
 
@@ -40,15 +41,18 @@ class DenseRoute:
     lm_head_min_rows: int
 
 
-def dense_route() -> DenseRoute:
-    """The crossovers measured on each kind of CPU (2 threads, SmolLM2-135M's shapes)."""
+def dense_route(native: bool) -> DenseRoute:
+    """The crossovers measured on each kind of CPU (2 threads, SmolLM2-135M's shapes); `native`: with the C++
+    ops (their int4/int8 linears against the packed float32 one), else torch's kernels."""
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
         # AVX-512 BF16: 576->1536 packed int4 0.032 ms vs bf16 0.100 at M=1, 0.34 vs 0.24 at M=32;
         # LM head 576->49152 0.78 vs 3.38 ms at M=1, 10.9 vs 7.4 at M=32.
         return DenseRoute(torch.bfloat16, 16, 16)
-    # AVX2 (no native bfloat16 matmul; bf16 runs 5x slower than fp32): fp32 wins from M ~ 32 in the
-    # layers, from M ~ 64 in the LM head.
-    return DenseRoute(torch.float32, 32, 64)
+    # AVX2 (no native bfloat16 matmul; bf16 runs 5x slower than fp32). With the C++ ops, the 120 layer
+    # linears of a token: int4_linear 33.4 ms vs packed float32 40.8 at M=8, 59.4 vs 53.8 at M=16; the LM head
+    # int8_linear 15.6 vs 16.3 ms at M=24, 20.9 vs 20.2 at M=32. torch's float32 matmul wins from M ~ 32 in the
+    # layers and M ~ 64 in the LM head.
+    return DenseRoute(torch.float32, 16, 32) if native else DenseRoute(torch.float32, 32, 64)
 
 
 class Int4Planes:
@@ -171,16 +175,45 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---- modules -----------------------------------------------------------------------------------
 
+class DenseLinear(nn.Module):
+    """y = x W^T + b in float32 through tokenmill::packed_linear, W packed once into the kernel's panels: on
+    CPU it runs the decoder's shapes 1.5-4x faster than torch's matmul, and each row's result does not depend
+    on the batch it came in. Returns x's dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features = weight.shape[0]
+        self.packed = torch.ops.tokenmill.pack_linear_weight(weight.detach().float())
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.tokenmill.packed_linear(x.reshape(-1, x.shape[-1]).float(), self.packed, self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def dense_linear(weight: torch.Tensor, native: bool) -> nn.Module:
+    """A plain y = x W^T in weight's dtype: tokenmill's packed kernel for float32 where native (the C++ ops
+    loaded), else torch's matmul."""
+    if native and weight.dtype == torch.float32:
+        return DenseLinear(weight)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
 class PackedLinear(nn.Module):
     """y = x W^T + b with W packed, returned in x's dtype. With a dense copy of W, a step of at least
-    dense_min_rows rows takes a plain matmul in the copy's dtype instead."""
+    dense_min_rows rows takes a plain matmul in the copy's dtype instead (`dense_linear`)."""
 
     def __init__(self, out_features: int, bias: torch.Tensor | None, dense: torch.Tensor | None,
-                 dense_min_rows: int):
+                 dense_min_rows: int, native: bool):
         super().__init__()
         self.out_features = out_features
         self.bias = bias
-        self.dense = dense
+        self.dense = None if dense is None else dense_linear(dense, native)
+        self.dense_dtype = None if dense is None else dense.dtype
         self.dense_min_rows = dense_min_rows
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +222,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if self.dense is not None and x2.shape[0] >= self.dense_min_rows:
-            y = F.linear(x2.to(self.dense.dtype), self.dense)
+            y = self.dense(x2.to(self.dense_dtype))
         else:
             y = self.packed_mm(x2)
         if self.bias is not None:
@@ -204,7 +237,7 @@ class Int4Linear(PackedLinear):
     def __init__(self, planes: Int4Planes, bias: torch.Tensor | None = None, dense: torch.Tensor | None = None,
                  dense_min_rows: int = 0, native: bool = False):
         n, _ = planes.shape
-        super().__init__(n, bias, dense, dense_min_rows)
+        super().__init__(n, bias, dense, dense_min_rows, native)
         self.native = native
         if native:
             (q, s, z), = planes.planes  # one plane: what GGUF's Q4 blocks and quantize_int4 give
@@ -229,8 +262,8 @@ class Int8Linear(PackedLinear):
     """Per-channel int8 (_weight_int8pack_mm)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                 dense: torch.Tensor | None = None, dense_min_rows: int = 0):
-        super().__init__(q.shape[0], bias, dense, dense_min_rows)
+                 dense: torch.Tensor | None = None, dense_min_rows: int = 0, native: bool = False):
+        super().__init__(q.shape[0], bias, dense, dense_min_rows, native)
         self.q, self.scale = q, scale.bfloat16()
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,7 +275,7 @@ class Int8GroupLinear(PackedLinear):
 
     def __init__(self, groups: Int8Groups, bias: torch.Tensor | None = None, dense: torch.Tensor | None = None,
                  dense_min_rows: int = 0):
-        super().__init__(groups.shape[0], bias, dense, dense_min_rows)
+        super().__init__(groups.shape[0], bias, dense, dense_min_rows, native=True)
         self.q, self.scale = groups.q.contiguous(), groups.scale.contiguous()
 
     def packed_mm(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,16 +318,23 @@ def _quantized_linear(model: nn.Module, name: str, linear: nn.Linear, mode: str,
         return Int4Linear(packed, bias, dense, min_rows, native)
     if isinstance(packed, Int8Groups):
         return Int8GroupLinear(packed, bias, dense, min_rows)
-    return Int8Linear(*packed, bias, dense, min_rows)
+    return Int8Linear(*packed, bias, dense, min_rows, native)
 
 
 def pack_linears(model: nn.Module, config: EngineConfig, weights: object) -> None:
     """Swap the loaded model's nn.Linear modules for packed ones as config.quantization asks (see the module's
     docstring). `weights` is what the loader gave: a GGUF's own blocks come with it."""
     mode = config.quantization
+    on_cpu = config.torch_device().type == "cpu"
+    native = on_cpu and config.cpu_kernels and cpu.load()  # tokenmill's C++ linears, else torch's kernels
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if mode is None:
+        if native and config.torch_dtype() == torch.float32:
+            for name, linear in linears:
+                bias = None if linear.bias is None else linear.bias.detach()
+                model.set_submodule(name, DenseLinear(linear.weight, bias))
         return
-    if config.torch_device().type != "cpu":
+    if not on_cpu:
         raise ValueError(f"quantization {mode!r} runs on CPU only (torch's packed int4/int8 CPU kernels); "
                          "on CUDA run without quantization (bfloat16)")
     blocks = ({n.removeprefix("model."): b for n, b in weights.blocks.items()}
@@ -302,9 +342,8 @@ def pack_linears(model: nn.Module, config: EngineConfig, weights: object) -> Non
     if mode == "gguf" and blocks is None:
         raise ValueError(f"quantization 'gguf' keeps a GGUF file's own blocks, but {config.resolved_model()!r} "
                          "is not loaded from a GGUF file; use quantization 'int8' or 'int4' to quantize it at load")
-    route = dense_route()
-    native = config.cpu_kernels and cpu.load()  # tokenmill's quantized linears, else torch's packed kernels
-    for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+    route = dense_route(native)
+    for name, linear in linears:
         if linear.in_features % GROUP_SIZE and mode != "int8":
             raise ValueError(f"{name} has {linear.in_features} inputs, not a multiple of the int4 group size "
                              f"{GROUP_SIZE}; use quantization 'int8'")

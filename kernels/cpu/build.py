@@ -45,6 +45,11 @@ def _compile_flags(flags: frozenset[str]) -> list[str]:
     return cflags
 
 
+def vector_floats() -> int:
+    """Float32 lanes of the at::vec vectors this machine's build uses (as _compile_flags chooses)."""
+    return 16 if _AVX512 <= _cpu_flags() else 8
+
+
 def build_dir() -> Path:
     """This build's folder: keyed by the sources, the torch version and the CPU the code is tuned for."""
     flags = _cpu_flags()

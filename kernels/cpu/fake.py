@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .build import vector_floats
+
 
 @torch.library.register_fake("tokenmill::paged_attention")
 def _paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
@@ -47,3 +49,14 @@ def _int4_linear(x, qweight, scales, zeros):
 @torch.library.register_fake("tokenmill::int8_linear")
 def _int8_linear(x, qweight, scales):
     return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+@torch.library.register_fake("tokenmill::pack_linear_weight")
+def _pack_linear_weight(weight):
+    panel = 2 * vector_floats()  # the kernel's panel: two vectors
+    return weight.new_empty((-(-weight.shape[0] // panel), weight.shape[1], panel))
+
+
+@torch.library.register_fake("tokenmill::packed_linear")
+def _packed_linear(x, packed, n):
+    return x.new_empty((x.shape[0], n))
