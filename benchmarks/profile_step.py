@@ -1,11 +1,11 @@
 """Where an engine run's time goes: linear layers, attention, the rest of the forward pass, sampling,
 and the engine's own Python (scheduling, input building, detokenizing).
 
-    python benchmarks/profile_step.py --dtype float32 --num-requests 32
+    python benchmarks/profile_step.py --dtype float32 --num-requests 32 [--quantization gguf]
 
 Runs the seeded mixed workload of throughput.py through LLM.generate under torch.profiler. Attention
 (rotary + KV write + paged attention), the forward pass and the sampler are timed inclusively by wrapping them
-in record_function; linear layers are the self time of aten::addmm and aten::mm. Shares are of the
+in record_function; linear layers are the self time of the matmul ops (MATMUL_OPS). Shares are of the
 whole run's wall time.
 """
 from __future__ import annotations
@@ -23,8 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.datasets import synthetic_requests  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.config import QUANTIZATIONS  # noqa: E402
 
-MATMUL_OPS = ("aten::addmm", "aten::mm")
+# torch's matmuls and tokenmill's linears (packed float32, int4 and int8 groups)
+MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm",
+              "tokenmill::packed_linear", "tokenmill::int4_linear", "tokenmill::int8_linear")
 
 
 def label(obj: object, attr: str, name: str) -> None:
@@ -42,12 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--load-format", default="auto")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantization", default=None, choices=QUANTIZATIONS)
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    llm = LLM(args.model, dtype=args.dtype, load_format=args.load_format, max_num_seqs=args.max_num_seqs)
+    llm = LLM(args.model, dtype=args.dtype, load_format=args.load_format, max_num_seqs=args.max_num_seqs,
+              quantization=args.quantization)
     tok = llm.get_tokenizer()
     requests = synthetic_requests(args.num_requests, seed=args.seed)
     prompts = [{"prompt_token_ids": tok.encode(r.prompt)} for r in requests]
