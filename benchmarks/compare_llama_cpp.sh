@@ -5,7 +5,7 @@
 # its rates on one server.
 # Usage: benchmarks/compare_llama_cpp.sh [NUM_PROMPTS] [RATES] [NPS] [MODES]
 #   NUM_PROMPTS per run (default 32; a concurrency point C sends at least 2C); RATES a comma list of request rates (default 0.5,1,2);
-#   NPS the llama-server parallel-slot settings, space-separated (default "8 32");
+#   NPS the llama-server parallel-slot settings, space-separated (default "8 32"; "" for none);
 #   MODES tokenmill's settings, space-separated (default "float32 bfloat16"): float32 and bfloat16 are
 #   dtypes (weights dequantized); int8, int4 and gguf are --quantization modes (bf16 activations).
 #   llama-server always computes with the GGUF's own (Q4_1) weights.
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 N=${1:-32}
 RATES=${2:-0.5,1,2}
-NPS=${3:-8 32}
+NPS=${3-8 32}  # an empty NPS runs no llama-server
 MODES=${4:-float32 bfloat16}
 CONCURRENCY=${CONCURRENCY:-1,8,32,64}
 SWEEPS=${SWEEPS:-concurrency rate}
