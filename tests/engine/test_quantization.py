@@ -119,7 +119,10 @@ def test_int8_and_int4_quantize_dummy_weights_and_keep_the_embedding_tied(tiny_c
     # Tied: the input embedding holds what the head computes with, in every route.
     torch.testing.assert_close(embedding, (head.q.float() * head.scale.float()[:, None]).to(embedding.dtype))
     x = torch.randn(3, embedding.shape[1])
-    torch.testing.assert_close(head.dense(x.to(head.dense_dtype)).float(), F.linear(x, embedding.float()))
+    # The large-step route computes in its own dtype: bfloat16 where the CPU has native bfloat16 matmuls.
+    dense_x, dense_w = x.to(head.dense_dtype), embedding.to(head.dense_dtype)
+    tol = {} if head.dense_dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(head.dense(dense_x).float(), F.linear(dense_x.float(), dense_w.float()), **tol)
     out = llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 8
