@@ -41,6 +41,7 @@ BATCHES = {
     "chunk after a cached prefix": ([37], [300]),
     "decode, prefill and prefix-cached prefill together": ([1, 50, 1, 20, 1], [33, 50, 700, 90, 5]),
     "one long decode (split across threads)": ([1], [2000]),
+    "a long chunk after a long prefix (split across threads)": ([150], [900]),
 }
 
 

@@ -3,7 +3,10 @@
 // The work is cut into items: a tile of a few queries of one sequence, all heads, over a range of that
 // sequence's keys. An item walks the cache pages its block table names (each page's slots hold every KV head
 // side by side, so it streams whole pages, prefetching the next keys), and uses each KV head's keys for all
-// the query rows of its GQA group, with an online softmax in float32. When there are too few items to keep
+// the query rows of its GQA group, with an online softmax in float32. Decode-sized tiles take one dot product
+// per key; prefill-sized ones gather a block of keys (transposed) and values to float32 once per KV head and
+// compute the scores and the P.V product as register-tiled matrix products over all the tile's rows of that
+// head, as a flash-attention kernel does. When there are too few items to keep
 // every thread busy (small decode batches), each tile's keys are split across several items whose
 // unnormalised partial results are merged afterwards (flash-decoding). Threads pull items, longest first,
 // from a shared counter.
@@ -24,8 +27,8 @@ namespace {
 
 // A tile holds up to kQueriesPerTile queries, fewer when the model has many heads (the tile's float32
 // queries and accumulators should stay in the L2 cache).
-constexpr int64_t kQueriesPerTile = 16;
-constexpr int64_t kMaxTileRows = 256;
+constexpr int64_t kQueriesPerTile = 64;
+constexpr int64_t kMaxTileRows = 1024;
 // Splitting aims at this many items per thread, never cutting a key range below kMinKeysPerSplit.
 constexpr int64_t kItemsPerThread = 4;
 constexpr int64_t kMinKeysPerSplit = 128;
@@ -63,24 +66,25 @@ struct Args {
   float scale;
 };
 
-// Keys are taken 16 at a time (at most one page): fewer rescales of the running softmax than a key at a time.
+// The decode path takes keys a page at a time, up to kKeyTile: fewer rescales of the running softmax than
+// a key at a time.
 constexpr int64_t kKeyTile = 16;
-constexpr int64_t kKeyVecs = kKeyTile / Vec::size();
-static_assert(kKeyTile % Vec::size() == 0);
-// Tiles of at least this many rows (prefill) transpose each key tile once, and compute the scores of
-// kRowBlock rows together so that each key load serves all of them (kRowBlock x kKeyVecs accumulators);
-// smaller ones (decode: one query x the group) take one dot product per key instead.
-constexpr int64_t kRowBlock = 8 / kKeyVecs;
-constexpr int64_t kTransposeMinRows = kRowBlock;
-// Vectors of head_dim accumulated at once in the P.V product.
-constexpr int64_t kAccVecs = 4;
+// The prefill path's register tiles: kRowTile query rows by kTileVecs vectors (of keys for the scores, of
+// head_dim for P.V), 24 accumulators of the 32 AVX-512 registers, 12 of AVX2's 16. A key block is one
+// tile's width of keys, gathered across pages.
+constexpr int kRowTile = 6;
+constexpr int kTileVecs = Vec::size() >= 16 ? 4 : 2;
+constexpr int64_t kKeyBlock = kTileVecs * Vec::size();
+// Tiles with at least this many rows per KV head take the prefill path.
+constexpr int64_t kTiledMinRows = kRowTile;
 
 // One thread's buffers, sized for the largest tile.
 struct Scratch {
-  std::vector<float> q, acc, m, l, scores, kt, k, v;
+  std::vector<float> q, acc, m, l, alpha, scores, kt, k, v;
   Scratch(int64_t rows, int64_t head_dim)
-      : q(rows * head_dim), acc(rows * head_dim), m(rows), l(rows), scores(rows * kKeyTile),
-        kt(head_dim * kKeyTile), k(kKeyTile * head_dim), v(kKeyTile * head_dim) {}
+      : q(rows * head_dim), acc(rows * head_dim), m(rows), l(rows), alpha(rows),
+        scores(rows * std::max(kKeyBlock, kKeyTile)), kt(head_dim * kKeyBlock), k(kKeyTile * head_dim),
+        v(std::max(kKeyBlock, kKeyTile) * head_dim) {}
 };
 
 // `n` cache rows as float32: the rows themselves for a float32 cache, else converted into `buf`.
@@ -97,68 +101,95 @@ const float* rows_as_float(const T* rows, int64_t stride, int64_t n, int64_t hea
   }
 }
 
-// scores[r][i] = q[r] . k[i] for n <= kKeyTile keys given transposed, kt[d][i]: each element of a query
-// row is broadcast against vectors of keys, and each key vector load serves R rows.
-template <int64_t R>
-int64_t scores_transposed(int64_t r, const float* q, int64_t rows, int64_t head_dim, const float* kt, float* scores) {
-  for (; r + R <= rows; r += R) {
-    Vec s[R][kKeyVecs];
-    for (int64_t j = 0; j < R; ++j) {
-      for (int64_t c = 0; c < kKeyVecs; ++c) s[j][c] = Vec(0.f);
-    }
-    for (int64_t d = 0; d < head_dim; ++d) {
-      Vec k[kKeyVecs];
-      for (int64_t c = 0; c < kKeyVecs; ++c) k[c] = Vec::loadu(kt + d * kKeyTile + c * Vec::size());
-      for (int64_t j = 0; j < R; ++j) {
-        const Vec qd(q[(r + j) * head_dim + d]);
-        for (int64_t c = 0; c < kKeyVecs; ++c) s[j][c] = at::vec::fmadd(qd, k[c], s[j][c]);
-      }
-    }
-    for (int64_t j = 0; j < R; ++j) {
-      for (int64_t c = 0; c < kKeyVecs; ++c) s[j][c].store(scores + (r + j) * kKeyTile + c * Vec::size());
-    }
+// Calls f(std::integral_constant<int, R>{}, first) over `rows` rows in tiles of R = kRowTile, then the rest.
+template <typename F>
+void by_row_tiles(int64_t rows, const F& f) {
+  int64_t r = 0;
+  for (; r + kRowTile <= rows; r += kRowTile) f(std::integral_constant<int, kRowTile>{}, r);
+  switch (rows - r) {
+    case 1: f(std::integral_constant<int, 1>{}, r); break;
+    case 2: f(std::integral_constant<int, 2>{}, r); break;
+    case 3: f(std::integral_constant<int, 3>{}, r); break;
+    case 4: f(std::integral_constant<int, 4>{}, r); break;
+    case 5: f(std::integral_constant<int, 5>{}, r); break;
+    default: break;
   }
-  return r;
+  static_assert(kRowTile == 6);
 }
 
-// acc[d:] = alpha * acc[d:] + sum_i p_i v_i[d:], W vectors of head_dim at a time kept in registers over the keys.
-// Returns where it stopped: the first element of less than W whole vectors.
-template <int64_t W>
-int64_t accumulate(int64_t d, const float* p, const float* v, int64_t v_stride, int64_t n, int64_t head_dim,
-                   float alpha, float* acc) {
-  for (; d + W * Vec::size() <= head_dim; d += W * Vec::size()) {
-    Vec a[W];
-    for (int64_t j = 0; j < W; ++j) a[j] = Vec::loadu(acc + d + j * Vec::size()) * Vec(alpha);
-    for (int64_t i = 0; i < n; ++i) {
-      const Vec pi(p[i]);
-      const float* vi = v + i * v_stride + d;
-      for (int64_t j = 0; j < W; ++j) a[j] = at::vec::fmadd(pi, Vec::loadu(vi + j * Vec::size()), a[j]);
-    }
-    for (int64_t j = 0; j < W; ++j) a[j].store(acc + d + j * Vec::size());
+// scores[j][i] = q[j] . k[i] for R rows and a key block given transposed, kt[d][i]: a broadcast element
+// of each row against each vector of keys.
+template <int R>
+void block_scores(const float* q, int64_t head_dim, const float* kt, float* scores) {
+  Reg s[R][kTileVecs];
+  for (int j = 0; j < R; ++j) {
+    for (int c = 0; c < kTileVecs; ++c) s[j][c] = reg_set1(0.f);
   }
-  return d;
+  for (int64_t d = 0; d < head_dim; ++d) {
+    Reg k[kTileVecs];
+    for (int c = 0; c < kTileVecs; ++c) k[c] = reg_load(kt + d * kKeyBlock + c * Vec::size());
+    for (int j = 0; j < R; ++j) {
+      const Reg qd = reg_set1(q[j * head_dim + d]);
+      for (int c = 0; c < kTileVecs; ++c) s[j][c] = reg_fma(qd, k[c], s[j][c]);
+    }
+  }
+  for (int j = 0; j < R; ++j) {
+    for (int c = 0; c < kTileVecs; ++c) reg_store(scores + j * kKeyBlock + c * Vec::size(), s[j][c]);
+  }
 }
 
-// Folds the scores of `n` keys into one query row's running max m, denominator l and accumulator acc.
-void online_softmax_update(float* p, const float* v, int64_t v_stride, int64_t n, int64_t head_dim, float& m,
-                           float& l, float* acc) {
-  float block_max = kNegInf;
-  for (int64_t i = 0; i < n; ++i) block_max = std::max(block_max, p[i]);
+// acc[j][d:d + W vectors] = alpha[j] * acc[j][...] + sum_i p[j][i] v[i][...] for R rows and n keys.
+template <int R, int W>
+void block_pv(const float* p, int64_t p_stride, const float* alpha, int64_t n, const float* v, int64_t v_stride,
+              int64_t head_dim, int64_t d, float* acc) {
+  Reg o[R][W];
+  for (int j = 0; j < R; ++j) {
+    const Reg a = reg_set1(alpha[j]);
+    for (int c = 0; c < W; ++c) o[j][c] = reg_mul(a, reg_load(acc + j * head_dim + d + c * Vec::size()));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    Reg vi[W];
+    for (int c = 0; c < W; ++c) vi[c] = reg_load(v + i * v_stride + d + c * Vec::size());
+    for (int j = 0; j < R; ++j) {
+      const Reg pj = reg_set1(p[j * p_stride + i]);
+      for (int c = 0; c < W; ++c) o[j][c] = reg_fma(pj, vi[c], o[j][c]);
+    }
+  }
+  for (int j = 0; j < R; ++j) {
+    for (int c = 0; c < W; ++c) reg_store(acc + j * head_dim + d + c * Vec::size(), o[j][c]);
+  }
+}
+
+// acc[j] = alpha[j] * acc[j] + sum_i p[j][i] v[i] over all of head_dim, for R rows and n keys.
+template <int R>
+void rows_pv(const float* p, int64_t p_stride, const float* alpha, int64_t n, const float* v, int64_t v_stride,
+             int64_t head_dim, float* acc) {
+  constexpr int64_t V = Vec::size();
+  int64_t d = 0;
+  for (; d + kTileVecs * V <= head_dim; d += kTileVecs * V) {
+    block_pv<R, kTileVecs>(p, p_stride, alpha, n, v, v_stride, head_dim, d, acc);
+  }
+  for (; d + V <= head_dim; d += V) block_pv<R, 1>(p, p_stride, alpha, n, v, v_stride, head_dim, d, acc);
+  for (; d < head_dim; ++d) {
+    for (int j = 0; j < R; ++j) {
+      float o = acc[j * head_dim + d] * alpha[j];
+      for (int64_t i = 0; i < n; ++i) o += p[j * p_stride + i] * v[i * v_stride + d];
+      acc[j * head_dim + d] = o;
+    }
+  }
+}
+
+// Turns one row's scores of n keys into exp(score - new max) in place and folds them into its running max
+// m and denominator l. Returns the factor that rescales the row's earlier accumulator.
+float softmax_block(float* p, int64_t n, float& m, float& l) {
+  const float block_max = at::vec::reduce_all([](Vec x, Vec y) { return at::vec::maximum(x, y); }, p, n);
   const float m_new = std::max(m, block_max);
   const float alpha = m == kNegInf ? 0.f : std::exp(m - m_new);
   at::vec::map([m_new](Vec s) { return (s - Vec(m_new)).exp_u20(); }, p, p, n);
-  float block_sum = 0.f;
-  for (int64_t i = 0; i < n; ++i) block_sum += p[i];
+  const float block_sum = at::vec::reduce_all([](Vec x, Vec y) { return x + y; }, p, n);
   l = l * alpha + block_sum;
   m = m_new;
-  // acc = alpha * acc + sum_i p_i v_i: kAccVecs independent chains of FMAs hide their latency.
-  int64_t d = accumulate<kAccVecs>(0, p, v, v_stride, n, head_dim, alpha, acc);
-  d = accumulate<1>(d, p, v, v_stride, n, head_dim, alpha, acc);
-  for (; d < head_dim; ++d) {
-    float a = acc[d] * alpha;
-    for (int64_t i = 0; i < n; ++i) a += p[i] * v[i * v_stride + d];
-    acc[d] = a;
-  }
+  return alpha;
 }
 
 // Hints the cache lines of slots [offset, offset + n) of a page (every KV head) into the cache.
@@ -170,26 +201,10 @@ void prefetch_slots(const T* cache, int64_t stride_block, int64_t stride_slot, i
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(first + b);
 }
 
+// The decode path: a page of keys at a time, a dot product per key and query row, the next keys prefetched.
 template <typename T>
-void run_item(const Args<T>& a, const Item& it, Scratch& s) {
+void attend_by_dot(const Args<T>& a, const Item& it, Scratch& s, int64_t head_rows, int64_t context) {
   const int64_t D = a.head_dim, G = a.group, B = a.block_size;
-  // Rows are grouped by KV head: row r is KV head r / head_rows's query q_begin + (r % head_rows) / G, at
-  // query head (r / head_rows) * G + r % G.
-  const int64_t head_rows = (it.q_end - it.q_begin) * G, rows = head_rows * a.num_kv_heads;
-  auto query_of = [&](int64_t r) { return it.q_begin + (r % head_rows) / G; };
-  auto head_of = [&](int64_t r) { return (r / head_rows) * G + r % G; };
-  const int64_t q_start = a.query_start_loc[it.seq];
-  const int64_t context = a.seq_lens[it.seq] - (a.query_start_loc[it.seq + 1] - q_start);
-  const bool transpose = head_rows >= kTransposeMinRows;
-  for (int64_t r = 0; r < rows; ++r) {
-    float* dst = s.q.data() + r * D;
-    to_float(a.q + (q_start + query_of(r)) * a.q_stride_t + head_of(r) * a.q_stride_h, dst, D);
-    at::vec::map([&](Vec x) { return x * Vec(a.scale); }, dst, dst, D);
-  }
-  std::fill_n(s.m.begin(), rows, kNegInf);
-  std::fill_n(s.l.begin(), rows, 0.f);
-  std::fill_n(s.acc.begin(), rows * D, 0.f);
-
   const int32_t* table = a.block_tables + it.seq * a.table_stride;
   for (int64_t key = it.key_begin; key < it.key_end;) {
     const int64_t offset = key % B;
@@ -206,32 +221,85 @@ void run_item(const Args<T>& a, const Item& it, Scratch& s) {
       const T* k_rows = a.k_cache + page * a.k_stride_block + offset * a.k_stride_slot + h * a.k_stride_head;
       const T* v_rows = a.v_cache + page * a.v_stride_block + offset * a.v_stride_slot + h * a.v_stride_head;
       int64_t k_stride = 0, v_stride = 0;
+      const float* k = rows_as_float(k_rows, a.k_stride_slot, n, D, s.k.data(), &k_stride);
       const float* v = rows_as_float(v_rows, a.v_stride_slot, n, D, s.v.data(), &v_stride);
-      const float* k = nullptr;
-      if (transpose) {
-        if (n < kKeyTile) std::fill(s.kt.begin(), s.kt.end(), 0.f);
-        for (int64_t i = 0; i < n; ++i) {
-          for (int64_t d = 0; d < D; ++d) s.kt[d * kKeyTile + i] = static_cast<float>(k_rows[i * a.k_stride_slot + d]);
-        }
-        const float* q = s.q.data() + h * head_rows * D;
-        scores_transposed<1>(scores_transposed<kRowBlock>(0, q, head_rows, D, s.kt.data(), s.scores.data()), q,
-                             head_rows, D, s.kt.data(), s.scores.data());
-      } else {
-        k = rows_as_float(k_rows, a.k_stride_slot, n, D, s.k.data(), &k_stride);
-      }
       for (int64_t j = 0; j < head_rows; ++j) {
         const int64_t r = h * head_rows + j;
         // Causal: the query at position context + q sees keys up to its own position.
-        const int64_t visible = std::min(n, context + query_of(r) + 1 - key);
+        const int64_t visible = std::min(n, context + it.q_begin + j / G + 1 - key);
         if (visible <= 0) continue;
-        float* scores = s.scores.data() + j * kKeyTile;
-        if (!transpose) {
-          for (int64_t i = 0; i < visible; ++i) scores[i] = dot(s.q.data() + r * D, k + i * k_stride, D);
-        }
-        online_softmax_update(scores, v, v_stride, visible, D, s.m[r], s.l[r], s.acc.data() + r * D);
+        float* p = s.scores.data();
+        for (int64_t i = 0; i < visible; ++i) p[i] = dot(s.q.data() + r * D, k + i * k_stride, D);
+        const float alpha = softmax_block(p, visible, s.m[r], s.l[r]);
+        rows_pv<1>(p, 0, &alpha, visible, v, v_stride, D, s.acc.data() + r * D);
       }
     }
     key += n;
+  }
+}
+
+// The prefill path (head_dim a whole number of vectors): per block of kKeyBlock keys and KV head, the keys
+// transposed and the values gathered to float32 once, then register-tiled scores and P.V over the rows.
+template <typename T>
+void attend_tiled(const Args<T>& a, const Item& it, Scratch& s, int64_t head_rows, int64_t context) {
+  const int64_t D = a.head_dim, G = a.group, B = a.block_size;
+  const int32_t* table = a.block_tables + it.seq * a.table_stride;
+  float *kt = s.kt.data(), *v = s.v.data(), *scores = s.scores.data();
+  for (int64_t key = it.key_begin; key < it.key_end; key += kKeyBlock) {
+    const int64_t n = std::min(kKeyBlock, it.key_end - key);
+    // Rows go by query, so the rows that see any of these keys are a suffix: from the first query whose
+    // position (context + q) reaches `key`. Each of them sees at least one key of the block.
+    const int64_t first_row = std::max<int64_t>(0, key - context - it.q_begin) * G, tile_rows = head_rows - first_row;
+    if (n < kKeyBlock) std::fill(s.kt.begin(), s.kt.end(), 0.f);
+    for (int64_t h = 0; h < a.num_kv_heads; ++h) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t page = table[(key + i) / B], slot = (key + i) % B;
+        const T* k_row = a.k_cache + page * a.k_stride_block + slot * a.k_stride_slot + h * a.k_stride_head;
+        for (int64_t d = 0; d < D; ++d) kt[d * kKeyBlock + i] = static_cast<float>(k_row[d]);
+        to_float(a.v_cache + page * a.v_stride_block + slot * a.v_stride_slot + h * a.v_stride_head, v + i * D, D);
+      }
+      const float* q = s.q.data() + (h * head_rows + first_row) * D;
+      by_row_tiles(tile_rows, [&](auto tile, int64_t j) {
+        block_scores<decltype(tile)::value>(q + j * D, D, kt, scores + j * kKeyBlock);
+      });
+      for (int64_t j = 0; j < tile_rows; ++j) {
+        const int64_t r = h * head_rows + first_row + j;
+        const int64_t visible = std::min(n, context + it.q_begin + (first_row + j) / G + 1 - key);
+        float* p = scores + j * kKeyBlock;
+        s.alpha[j] = softmax_block(p, visible, s.m[r], s.l[r]);
+        std::fill(p + visible, p + n, 0.f);  // causal: the keys past the query's own position
+      }
+      float* acc = s.acc.data() + (h * head_rows + first_row) * D;
+      by_row_tiles(tile_rows, [&](auto tile, int64_t j) {
+        rows_pv<decltype(tile)::value>(scores + j * kKeyBlock, kKeyBlock, s.alpha.data() + j, n, v, D, D,
+                                       acc + j * D);
+      });
+    }
+  }
+}
+
+template <typename T>
+void run_item(const Args<T>& a, const Item& it, Scratch& s) {
+  const int64_t D = a.head_dim, G = a.group;
+  // Rows are grouped by KV head: row r is KV head r / head_rows's query q_begin + (r % head_rows) / G, at
+  // query head (r / head_rows) * G + r % G.
+  const int64_t head_rows = (it.q_end - it.q_begin) * G, rows = head_rows * a.num_kv_heads;
+  auto query_of = [&](int64_t r) { return it.q_begin + (r % head_rows) / G; };
+  auto head_of = [&](int64_t r) { return (r / head_rows) * G + r % G; };
+  const int64_t q_start = a.query_start_loc[it.seq];
+  const int64_t context = a.seq_lens[it.seq] - (a.query_start_loc[it.seq + 1] - q_start);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = s.q.data() + r * D;
+    to_float(a.q + (q_start + query_of(r)) * a.q_stride_t + head_of(r) * a.q_stride_h, dst, D);
+    at::vec::map([&](Vec x) { return x * Vec(a.scale); }, dst, dst, D);
+  }
+  std::fill_n(s.m.begin(), rows, kNegInf);
+  std::fill_n(s.l.begin(), rows, 0.f);
+  std::fill_n(s.acc.begin(), rows * D, 0.f);
+  if (head_rows >= kTiledMinRows && D % Vec::size() == 0) {
+    attend_tiled(a, it, s, head_rows, context);
+  } else {
+    attend_by_dot(a, it, s, head_rows, context);
   }
 
   for (int64_t r = 0; r < rows; ++r) {
@@ -347,6 +415,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   std::iota(order.begin(), order.end(), 0);
   auto cost = [&](const Item& it) { return int64_t{it.q_end - it.q_begin} * (it.key_end - it.key_begin); };
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost(items[x]) > cost(items[y]); });
+  int64_t max_rows = 0;
+  for (const Item& it : items) max_rows = std::max<int64_t>(max_rows, (it.q_end - it.q_begin) * num_heads);
 
   dispatch_float(q.scalar_type(), "paged_attention", [&](auto tag) {
     using T = decltype(tag);
@@ -363,7 +433,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
     std::atomic<int64_t> next{0};
     const int64_t workers = std::min<int64_t>(num_threads, items.size());
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-      Scratch s(std::max(kMaxTileRows, num_heads), head_dim);
+      Scratch s(max_rows, head_dim);
       for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) run_item(a, items[order[i]], s);
     });
     at::parallel_for(0, splits.size(), 1, [&](int64_t begin, int64_t end) {

@@ -10,9 +10,41 @@
 
 #include <type_traits>
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 namespace tokenmill {
 
 using Vec = at::vec::Vectorized<float>;
+
+// Registers of the register-tiled micro-kernels: raw intrinsics, since GCC spills arrays of
+// at::vec::Vectorized to the stack.
+#if defined(CPU_CAPABILITY_AVX512)
+using Reg = __m512;
+inline Reg reg_load(const float* p) { return _mm512_loadu_ps(p); }
+inline Reg reg_set1(float v) { return _mm512_set1_ps(v); }
+inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+inline void reg_store(float* p, Reg v) { _mm512_storeu_ps(p, v); }
+inline Reg reg_add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+inline Reg reg_mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
+#elif defined(CPU_CAPABILITY_AVX2)
+using Reg = __m256;
+inline Reg reg_load(const float* p) { return _mm256_loadu_ps(p); }
+inline Reg reg_set1(float v) { return _mm256_set1_ps(v); }
+inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+inline void reg_store(float* p, Reg v) { _mm256_storeu_ps(p, v); }
+inline Reg reg_add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+inline Reg reg_mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
+#else
+using Reg = Vec;
+inline Reg reg_load(const float* p) { return Vec::loadu(p); }
+inline Reg reg_set1(float v) { return Vec(v); }
+inline Reg reg_fma(Reg a, Reg b, Reg c) { return at::vec::fmadd(a, b, c); }
+inline void reg_store(float* p, Reg v) { v.store(p); }
+inline Reg reg_add(Reg a, Reg b) { return a + b; }
+inline Reg reg_mul(Reg a, Reg b) { return a * b; }
+#endif
 
 // Calls f(scalar_t{}) for the activation and cache dtypes the engine runs: float32, bfloat16, float16.
 template <typename F>

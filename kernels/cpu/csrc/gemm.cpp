@@ -12,10 +12,6 @@
 
 #include <algorithm>
 
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#endif
-
 #include "common.h"
 
 namespace tokenmill {
@@ -26,29 +22,6 @@ constexpr int64_t kPanel = 2 * V;    // weight rows per panel: two vectors
 constexpr int kTile = 6;             // x rows per tile: 12 accumulators + 2 weight vectors + 1 broadcast
 constexpr int64_t kRowBlock = 96;    // x rows per pass over W: their K floats stay in L2 while W streams
 
-// The micro-kernel's registers: raw intrinsics, since GCC spills arrays of at::vec::Vectorized to the stack.
-#if defined(CPU_CAPABILITY_AVX512)
-using Reg = __m512;
-inline Reg reg_load(const float* p) { return _mm512_loadu_ps(p); }
-inline Reg reg_set1(float v) { return _mm512_set1_ps(v); }
-inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
-inline void reg_store(float* p, Reg v) { _mm512_storeu_ps(p, v); }
-inline Reg reg_add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
-#elif defined(CPU_CAPABILITY_AVX2)
-using Reg = __m256;
-inline Reg reg_load(const float* p) { return _mm256_loadu_ps(p); }
-inline Reg reg_set1(float v) { return _mm256_set1_ps(v); }
-inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
-inline void reg_store(float* p, Reg v) { _mm256_storeu_ps(p, v); }
-inline Reg reg_add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
-#else
-using Reg = Vec;
-inline Reg reg_load(const float* p) { return Vec::loadu(p); }
-inline Reg reg_set1(float v) { return Vec(v); }
-inline Reg reg_fma(Reg a, Reg b, Reg c) { return at::vec::fmadd(a, b, c); }
-inline void reg_store(float* p, Reg v) { v.store(p); }
-inline Reg reg_add(Reg a, Reg b) { return a + b; }
-#endif
 
 // y[t * ldy + j] = sum_k panel[k][j] * x[t * k_dim + k] for t < T and j < width (<= kPanel). Each run of kChunk
 // k's is summed in registers and added to the total after it, which keeps float32's rounding error near that
