@@ -292,11 +292,14 @@ def _source_names(model: nn.Module, name: str) -> list[str]:
     return [f"{prefix}.{part}.weight".lstrip(".") for _, part in shards] or [f"{name}.weight"]
 
 
+def _bias(linear: nn.Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach()
+
+
 def _quantized_linear(model: nn.Module, name: str, linear: nn.Linear, mode: str,
                       blocks: dict[str, tuple[str, np.ndarray]] | None, route: DenseRoute,
                       native: bool) -> PackedLinear:
-    w = linear.weight.detach()
-    bias = None if linear.bias is None else linear.bias.detach()
+    w, bias = linear.weight.detach(), _bias(linear)
     min_rows = route.lm_head_min_rows if name == "lm_head" else route.layer_min_rows
     if mode == "gguf":
         sources = [blocks[n] for n in _source_names(model, name)]
@@ -330,8 +333,7 @@ def pack_linears(model: nn.Module, config: EngineConfig, weights: object) -> Non
     if mode is None:
         if native and config.torch_dtype() == torch.float32:
             for name, linear in linears:
-                bias = None if linear.bias is None else linear.bias.detach()
-                model.set_submodule(name, DenseLinear(linear.weight, bias))
+                model.set_submodule(name, DenseLinear(linear.weight, _bias(linear)))
         return
     if not on_cpu:
         raise ValueError(f"quantization {mode!r} runs on CPU only (torch's packed int4/int8 CPU kernels); "

@@ -16,7 +16,6 @@
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-#define TOKENMILL_QGEMM_AVX2  // AVX-512 CPUs run the 256-bit integer path too
 #include <immintrin.h>
 #endif
 
@@ -53,8 +52,40 @@ QuantizedX quantize_rows(const float* x, int64_t m, int64_t k) {
 }
 
 // The pieces the tile loop below is written in: a group's 32 weights as int16 (`Weights`), their dot product
-// with a group of x, and an accumulator of scale * dot terms (8 float lanes with AVX2, one float without).
-#ifdef TOKENMILL_QGEMM_AVX2
+// with a group of x, and an accumulator of scale * dot terms (16 float lanes with AVX-512, 8 with AVX2, one
+// float without).
+#if defined(CPU_CAPABILITY_AVX512)
+struct Weights {
+  __m512i w;  // values 0..31
+};
+using Acc = __m512;
+inline Acc acc_zero() { return _mm512_setzero_ps(); }
+inline Acc acc_fma(float scale, Acc partial, Acc acc) { return _mm512_fmadd_ps(_mm512_set1_ps(scale), partial, acc); }
+inline float acc_sum(Acc v) { return _mm512_reduce_add_ps(v); }
+inline __m128i load16(const void* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+
+// Sixteen int32 partial sums of w * x as floats, one multiply-add for the whole group (|w| <= 128,
+// |x| <= 32767: each pair's sum fits int32, and float exactly).
+inline Acc group_dot(const Weights& w, const int16_t* x) {
+  return _mm512_cvtepi32_ps(_mm512_madd_epi16(w.w, _mm512_loadu_si512(x)));
+}
+
+struct Int4Row {
+  const uint8_t* w;
+  Weights load(int64_t g) const {  // low nibbles are values 0..15, high nibbles 16..31
+    const __m128i b = load16(w + g * kGroup / 2), mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    return {_mm512_cvtepu8_epi16(_mm256_set_m128i(hi, lo))};
+  }
+};
+
+struct Int8Row {
+  const int8_t* w;
+  Weights load(int64_t g) const {
+    return {_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kGroup)))};
+  }
+};
+#elif defined(CPU_CAPABILITY_AVX2)
 struct Weights {
   __m256i lo, hi;  // values 0..15, 16..31
 };
