@@ -4,7 +4,9 @@ At small decode batches a step is dominated by Python and kernel-launch overhead
 graph replays the whole forward pass (every layer's launches) as one. Graphs are captured once, for a
 ladder of batch sizes, over static input buffers; a step of B decodes copies its inputs into the
 buffers and replays the graph of the next size up. The padding rows write no KV (slot -1) and attend
-to one key, so they cost little and touch nothing real; their logits are dropped.
+to one key, so they cost little and touch nothing real. The graphs end at the hidden states: the LM head
+runs after the replay on the real rows only, so no graph holds a vocab-sized logits buffer (a few hundred
+MB over the ladder of sizes for a 128k vocabulary), as nano-vllm does.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Static buffers and one captured forward pass (hidden states to logits) per batch size.
+    """Static buffers and one captured forward pass (input ids to final hidden states) per batch size.
 
     With capture=False nothing is captured and `run` executes the same padded forward eagerly: the
     CPU tests use that to check the padding and buffer handling that the graphs replay.
@@ -47,7 +49,7 @@ class DecodeGraphs:
             self.seq_lens = torch.ones(n, dtype=torch.int32)
             self.query_start_loc = torch.arange(n + 1, dtype=torch.int32)  # one query per sequence
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.hidden: dict[int, torch.Tensor] = {}
         if capture:
             self._capture_all()
 
@@ -59,8 +61,7 @@ class DecodeGraphs:
     def _forward(self, bs: int) -> torch.Tensor:
         meta = AttentionMetadata(self.slot_mapping[:bs], self.block_tables[:bs], self.seq_lens[:bs],
                                  self.query_start_loc[:bs + 1])
-        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, meta)
-        return self.model.compute_logits(hidden)
+        return self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, meta)
 
     def _capture_all(self) -> None:
         # Largest first, so the smaller graphs reuse its memory pool.
@@ -70,7 +71,7 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = self._forward(bs)
+                self.hidden[bs] = self._forward(bs)
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize()
@@ -78,7 +79,7 @@ class DecodeGraphs:
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
             block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, vocab] of a step of B single-token sequences (B <= max_batch_size).
+        """Final hidden states [B, hidden] of a step of B single-token sequences (B <= max_batch_size).
 
         The result is a view of the graph's output buffer: valid until the next call."""
         b, width = block_tables.shape
@@ -94,5 +95,5 @@ class DecodeGraphs:
         self.seq_lens[b:bs].fill_(1)
         if bs in self.graphs:
             self.graphs[bs].replay()
-            return self.logits[bs][:b]
+            return self.hidden[bs][:b]
         return self._forward(bs)[:b]

@@ -81,10 +81,26 @@ class ModelRunner:
         return int(num_blocks)
 
     def _profile_free_gpu_memory(self) -> int:
-        """GPU memory left for the KV cache after a prefill of max_num_batched_tokens tokens."""
+        """GPU memory left for the KV cache: gpu_memory_utilization of the device, less what is in use now
+        (weights, the CUDA context and other processes: mem_get_info sees them all), less the activation
+        peak of a max_num_batched_tokens prefill with the LM head on max_num_seqs rows, less the decode
+        graphs' private pool (about one max_num_seqs-token forward: the graphs share it, largest first)."""
+        c, cfg = self.model_config, self.config
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        prefill = self._forward_peak(min(cfg.max_num_batched_tokens, c.max_position_embeddings),
+                                     logits_rows=cfg.max_num_seqs)
+        graphs = 0 if cfg.enforce_eager else self._forward_peak(min(cfg.max_num_seqs, c.max_position_embeddings))
+        free, total = torch.cuda.mem_get_info(self.device)
+        return int(total * cfg.gpu_memory_utilization - (total - free) - prefill - graphs)
+
+    def _forward_peak(self, n: int, logits_rows: int = 0) -> int:
+        """Bytes a forward pass of one n-token prompt allocates at its peak beyond what is allocated now,
+        its scratch KV blocks included; the memory goes back to the driver afterwards."""
         c, dev = self.model_config, self.device
-        n = min(self.config.max_num_batched_tokens, c.max_position_embeddings)
         num_blocks = -(-n // self.block_size)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
         scratch = [torch.empty((2, num_blocks, self.block_size, c.num_key_value_heads, c.head_dim),
                                dtype=self.dtype, device=dev) for _ in range(c.num_hidden_layers)]
         meta = AttentionMetadata(
@@ -92,17 +108,16 @@ class ModelRunner:
             block_tables=torch.arange(num_blocks, dtype=torch.int32, device=dev)[None],
             seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
             query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev))
-        torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode():
             positions = torch.arange(n, device=dev)
             h = self.model(positions % c.vocab_size, positions, scratch, meta)
-            self.model.compute_logits(h[-self.config.max_num_seqs:])
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+            if logits_rows:
+                self.model.compute_logits(h[-logits_rows:])
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
         del scratch, h
         torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(dev).total_memory
-        return int(total * self.config.gpu_memory_utilization - peak)
+        return peak
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, list[Sequence]]:
@@ -131,17 +146,21 @@ class ModelRunner:
         max_blocks = max(len(s.block_ids) for s in sched.seqs)
         block_tables = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in sched.seqs]
 
-        # Built on the host: a graph replay copies them straight into its static buffers.
-        ids, pos = torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
-        slot_mapping = torch.tensor(slots, dtype=torch.int64)
-        tables, lens = torch.tensor(block_tables, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32)
+        # Built on the host: a graph replay copies them straight into its static buffers. On a GPU, in
+        # pinned memory, so that every host-to-device copy of the step is asynchronous.
+        pin = self.device.type == "cuda"
+        ids, pos = _host_tensor(input_ids, torch.long, pin), _host_tensor(positions, torch.long, pin)
+        slot_mapping = _host_tensor(slots, torch.int64, pin)
+        tables, lens = _host_tensor(block_tables, torch.int32, pin), _host_tensor(seq_lens, torch.int32, pin)
         graphs = self.decode_graphs
         if graphs is not None and len(sample_seqs) == len(input_ids) <= graphs.max_batch_size:
             # Every sequence runs one token and samples it: a decode step, replayed from a graph.
-            return graphs.run(ids, pos, slot_mapping, tables, lens).float(), sample_seqs
+            hidden = graphs.run(ids, pos, slot_mapping, tables, lens)
+            return self.model.compute_logits(hidden).float(), sample_seqs
         dev = self.device
-        ids, pos, slot_mapping, tables, lens = (t.to(dev) for t in (ids, pos, slot_mapping, tables, lens))
-        starts = torch.tensor(query_start_loc, dtype=torch.int32, device=dev)
+        ids, pos, slot_mapping, tables, lens = (t.to(dev, non_blocking=True)
+                                                for t in (ids, pos, slot_mapping, tables, lens))
+        starts = _host_tensor(query_start_loc, torch.int32, pin).to(dev, non_blocking=True)
         # Once per step, not per layer: whatever host-side layout the attention op wants.
         plan = self.ops.plan_attention(tables, lens, starts, bs)
         meta = AttentionMetadata(slot_mapping, tables, lens, starts, plan)
@@ -149,5 +168,11 @@ class ModelRunner:
         if not sample_seqs:
             return None, []
         # Only the sampled positions need the LM head: a sixth of the work on prompt-heavy loads.
-        hidden = hidden[torch.tensor(logits_indices, device=dev)]
+        hidden = hidden[_host_tensor(logits_indices, torch.long, pin).to(dev, non_blocking=True)]
         return self.model.compute_logits(hidden).float(), sample_seqs
+
+
+def _host_tensor(values: list, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """A CPU tensor of `values`, page-locked when `pin` (torch's caching host allocator reuses the pages,
+    and a non_blocking copy from them does not wait for the device)."""
+    return torch.tensor(values, dtype=dtype, pin_memory=pin)

@@ -3,6 +3,7 @@
 There is no GPU here, so nothing is captured (capture=False): the graphs' padding and buffer handling
 run eagerly, which is what a replay would compute.
 """
+import dataclasses
 import json
 
 import pytest
@@ -71,3 +72,40 @@ def test_graph_step_logits_equal_the_eager_step(tiny_llm):
     # Running the step again rewrites the same keys and values, so the logits must match.
     graphed, _ = engine.runner.execute(sched)
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+class _FakeCudaMemory:
+    """torch.cuda's memory calls as a GPU would answer them: 10 GB in all, 4 GB in use before the profile
+    (weights, the CUDA context, another process), and a forward of n tokens peaking 7 kB x n above that."""
+
+    def __init__(self):
+        self.tokens = 0
+
+    def install(self, monkeypatch, runner):
+        cuda = torch.cuda
+        for name in ("synchronize", "empty_cache"):
+            monkeypatch.setattr(cuda, name, lambda *a, **k: None)
+        monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+        monkeypatch.setattr(cuda, "memory_allocated", lambda *a, **k: 10**9)
+        monkeypatch.setattr(cuda, "max_memory_allocated", lambda *a, **k: 10**9 + 7000 * self.tokens)
+        monkeypatch.setattr(cuda, "mem_get_info", lambda *a, **k: (6 * 10**9, 10 * 10**9))
+        forward = runner.model.forward
+
+        def counting_forward(input_ids, *args, **kwargs):
+            self.tokens = len(input_ids)
+            return forward(input_ids, *args, **kwargs)
+
+        monkeypatch.setattr(runner.model, "forward", counting_forward)
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_kv_budget_leaves_out_memory_in_use_the_prefill_peak_and_the_graph_pool(tiny_llm, monkeypatch,
+                                                                                  enforce_eager):
+    runner = tiny_llm.engine.runner
+    monkeypatch.setattr(runner, "config", dataclasses.replace(runner.config, enforce_eager=enforce_eager))
+    _FakeCudaMemory().install(monkeypatch, runner)
+    cfg = runner.config
+    prefill = 7000 * min(cfg.max_num_batched_tokens, 512)  # the model's 512 positions bound the profile
+    graphs = 0 if enforce_eager else 7000 * cfg.max_num_seqs
+    expected = int(10 * 10**9 * cfg.gpu_memory_utilization - 4 * 10**9 - prefill - graphs)
+    assert runner._profile_free_gpu_memory() == expected
