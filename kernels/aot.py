@@ -26,8 +26,9 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 
-# The interpreter would hand back kernels that cannot be compiled: off before anything imports triton.
-os.environ.pop("TRITON_INTERPRET", None)
+if __name__ == "__main__":
+    # The interpreter would hand back kernels that cannot be compiled: off before anything imports triton.
+    os.environ.pop("TRITON_INTERPRET", None)
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
 import torch  # noqa: E402
