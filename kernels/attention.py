@@ -15,9 +15,12 @@ import triton.language as tl
 # exp2 is cheaper than exp on the GPU; scores are pre-multiplied by log2(e) to compensate.
 _LOG2E = 1.4426950408889634
 
-# Split-KV never cuts a sequence into chunks shorter than this, nor into more chunks than this.
+# Split-KV never cuts a sequence into chunks shorter than this.
 _MIN_TOKENS_PER_SPLIT = 256
-_MAX_SPLITS = 32
+# The tile heights (rows = queries x GQA group) and split-KV factors the launcher picks from. It picks only
+# these, and `python -m kernels.aot` compiles every one of them for each model, dtype and GPU generation.
+BLOCK_M_CHOICES = (16, 32, 64, 128)
+NUM_SPLITS_CHOICES = (1, 2, 4, 8, 16, 32)
 # Stand-in SM count where there is no CUDA device (the interpreter): an H100 SXM's, so the host-side
 # choices made in tests are the ones made on the target.
 _DEFAULT_SM_COUNT = 132
@@ -40,7 +43,9 @@ def _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr):
     return lo
 
 
-@triton.jit
+# The batch's sizes change every step; specialising on them (== 1, multiple of 16) would only multiply the
+# variants compiled while serving. The block table's row stride is its width, which changes with the batch too.
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -49,7 +54,7 @@ def _paged_attention_kernel(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_KV: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -82,7 +87,7 @@ def _paged_attention_kernel(
     # Causal: this tile's last query sees keys up to its own position, so no key past it is loaded.
     kv_len = tl.minimum(seq_len, context_len + (q_block + 1) * BLOCK_Q)
     num_tiles = tl.cdiv(kv_len, TILE_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tiles_per_split = tl.cdiv(num_tiles, tl.num_programs(2))  # the grid's third dimension is the split count
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
@@ -109,7 +114,7 @@ def _paged_attention_kernel(
         acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=DOT_PRECISION)
         m = m_new
 
-    if NUM_SPLITS == 1:
+    if not SPLIT_KV:
         # denom is 0 only on padding rows, which are not stored
         out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
@@ -123,7 +128,7 @@ def _paged_attention_kernel(
         tl.store(part_ml_ptr + part * 2 + 1, denom, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _merge_splits_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, num_tokens, num_heads, stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -157,13 +162,21 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def choose_block_m(max_q_len: int, group: int) -> int:
+    """Rows per program: decode wants few (one query x the group), prefill tall tiles for the tensor cores."""
+    rows = max_q_len * group
+    # A group over 128 heads (no model has one) gets a tile of its own: BLOCK_M must hold one whole group.
+    return next((m for m in BLOCK_M_CHOICES if m >= rows), max(BLOCK_M_CHOICES[-1], triton.next_power_of_2(group)))
+
+
 def choose_num_splits(num_programs: int, max_seq_len: int, device: torch.device) -> int:
-    """Split-KV factor: enough splits for about two waves of programs, none shorter than a few tiles."""
+    """Split-KV factor from NUM_SPLITS_CHOICES: the largest one up to about two waves of programs, with no
+    chunk shorter than a few tiles."""
     sm_count = _sm_count(device)
     if num_programs >= sm_count:
         return 1
-    wanted = triton.cdiv(2 * sm_count, num_programs)
-    return max(1, min(wanted, triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT), _MAX_SPLITS))
+    bound = min(triton.cdiv(2 * sm_count, num_programs), triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT))
+    return max(n for n in NUM_SPLITS_CHOICES if n <= max(bound, 1))
 
 
 def plan_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
@@ -182,7 +195,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Never syncs with the device, so it can be captured in a CUDA graph; it needs no plan (plan_attention's is
     None). The optional hints only tune the launch (results do not depend on them): max_q_len (default: 1 if
     every sequence could be a decode, else num_tokens), max_seq_len (default: the block table's capacity),
-    num_splits (default: chosen from the shapes). Under graph capture, pass hints that stay fixed for the
+    num_splits (default: chosen from the shapes, one of NUM_SPLITS_CHOICES; any other count works but is not
+    among the variants `python -m kernels.aot` checks). Under graph capture, pass hints that stay fixed for the
     captured shapes.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -200,8 +214,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         max_q_len = 1 if num_tokens == num_seqs else num_tokens
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
-    # Decode wants few rows (one query x the group); prefill wants tall tiles for tensor-core efficiency.
-    block_m = max(16, min(triton.next_power_of_2(max_q_len * group), max(128, triton.next_power_of_2(group))))
+    block_m = choose_block_m(max_q_len, group)
     block_q = block_m // group
     grid_q = num_tokens // block_q + num_seqs
     if num_splits is None:
@@ -221,7 +234,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=_tile_n(head_dim),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, SPLIT_KV=num_splits > 1,
         UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=8 if block_m >= 128 else 4,
