@@ -24,6 +24,8 @@ install: $(PY)
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+	@# Every Triton kernel variant compiled for sm_80 and sm_90 (no GPU needed; under a minute here).
+	$(PY) -m kernels.aot
 
 serve: install
 	$(VENV)/bin/tokenmill serve $(MODEL) --host $(HOST) --port $(PORT)

@@ -4,7 +4,7 @@
 
 For each model shape below and each dtype, it calls the real launchers (kernels.attention and the others)
 on small CPU tensors laid out as the model's layers lay them out, with every tile and split-KV choice the
-launchers can pick (kernels.attention.BLOCK_M_CHOICES, NUM_SPLITS_CHOICES). The launches are caught before
+launchers can pick (kernels.attention.block_m_choices, NUM_SPLITS_CHOICES). The launches are caught before
 they run and specialised by Triton's own binder, as a launch on the GPU would be (ints equal to 1 become
 constants, ints and pointers divisible by 16 are marked so), then compiled to a cubin with the ptxas in
 Triton's wheel. One line per variant: kernel, arch, specialization, registers, spills, shared memory; then
@@ -158,13 +158,13 @@ def _launches_on_meta(m: ModelShape, dtype: torch.dtype) -> list:
         caught({}, activation.silu_and_mul, torch.zeros(tokens, 2 * m.intermediate, dtype=dtype))
 
         group = m.heads // m.kv_heads
-        for block_m in attention.BLOCK_M_CHOICES:
+        for block_m in attention.block_m_choices(dtype):
             if block_m < group:
                 continue
             for splits in attention.NUM_SPLITS_CHOICES:
                 # A batch of one sequence with as many queries as the tile holds.
                 q_len = block_m // group
-                assert attention.choose_block_m(q_len, group) == block_m
+                assert attention.choose_block_m(q_len, group, dtype) == block_m
                 qa = torch.zeros(q_len, m.heads, m.head_dim, dtype=dtype)
                 tables = torch.zeros(1, num_blocks, dtype=torch.int32)
                 lens = torch.tensor([q_len], dtype=torch.int32)

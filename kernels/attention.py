@@ -150,10 +150,25 @@ def _merge_splits_kernel(
     tl.store(out_ptr + token * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-def _tile_n(head_dim: int) -> int:
+def block_m_choices(dtype: torch.dtype) -> tuple[int, ...]:
+    """The tile heights for q's dtype. float32 dots run on the FMA units (ieee precision, no tensor cores),
+    where taller tiles only add registers: from 64 rows they spill on sm_90 (`python -m kernels.aot`)."""
+    return BLOCK_M_CHOICES[:2] if dtype == torch.float32 else BLOCK_M_CHOICES
+
+
+def _tile_n(head_dim: int, dtype: torch.dtype) -> int:
     """Keys per inner-loop tile. Pages are gathered per key, so it need not match the cache block size;
-    the per-key addresses cost registers, and at head_dim 128 a 64-key tile spills on sm_90."""
+    the per-key addresses cost registers: at head_dim 128 a 64-key tile spills on sm_90, and float32 (FMA
+    dots) spills from 32 keys."""
+    if dtype == torch.float32:
+        return 16
     return 64 if head_dim <= 64 else 32
+
+
+def _num_warps(block_m: int, dtype: torch.dtype) -> int:
+    # Tall tiles and float32 ones (FMA dots) spread over more threads, fewer registers each: with 4 warps
+    # SmolLM2's 64-row split tile spills on sm_80, and float32 spills on sm_90.
+    return 8 if block_m >= 64 or dtype == torch.float32 else 4
 
 
 def _sm_count(device: torch.device) -> int:
@@ -162,11 +177,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_block_m(max_q_len: int, group: int) -> int:
+def choose_block_m(max_q_len: int, group: int, dtype: torch.dtype) -> int:
     """Rows per program: decode wants few (one query x the group), prefill tall tiles for the tensor cores."""
-    rows = max_q_len * group
-    # A group over 128 heads (no model has one) gets a tile of its own: BLOCK_M must hold one whole group.
-    return next((m for m in BLOCK_M_CHOICES if m >= rows), max(BLOCK_M_CHOICES[-1], triton.next_power_of_2(group)))
+    rows, choices = max_q_len * group, block_m_choices(dtype)
+    fits = [m for m in choices if m >= group]
+    # A group larger than every choice (no model has one) gets a tile of its own: BLOCK_M holds one whole group.
+    return next((m for m in fits if m >= rows), fits[-1] if fits else triton.next_power_of_2(group))
 
 
 def choose_num_splits(num_programs: int, max_seq_len: int, device: torch.device) -> int:
@@ -214,7 +230,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         max_q_len = 1 if num_tokens == num_seqs else num_tokens
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
-    block_m = choose_block_m(max_q_len, group)
+    block_m = choose_block_m(max_q_len, group, q.dtype)
     block_q = block_m // group
     grid_q = num_tokens // block_q + num_seqs
     if num_splits is None:
@@ -233,11 +249,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=_tile_n(head_dim),
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=_tile_n(head_dim, q.dtype),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, SPLIT_KV=num_splits > 1,
         UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=8 if block_m >= 128 else 4,
+        num_warps=_num_warps(block_m, q.dtype),
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

@@ -20,21 +20,22 @@ def _attention_picks(launches) -> set:
     return keys
 
 
+@pytest.mark.parametrize("dtype", aot.DTYPES, ids=str)
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 8, 16])
-def test_block_m_and_splits_come_from_the_lists(group):
+def test_block_m_and_splits_come_from_the_lists(group, dtype):
     for max_q_len in [*range(1, 80), 127, 128, 129, 1000, 8192]:
-        block_m = attention.choose_block_m(max_q_len, group)
-        assert block_m in attention.BLOCK_M_CHOICES and block_m >= group
+        block_m = attention.choose_block_m(max_q_len, group, dtype)
+        assert block_m in attention.block_m_choices(dtype) and block_m >= group
     for programs in [1, 2, 3, 5, 8, 13, 40, 100, 131, 132, 1000]:
         for max_seq_len in [1, 16, 255, 256, 257, 1000, 4096, 32768, 131072]:
             splits = attention.choose_num_splits(programs, max_seq_len, torch.device("cpu"))
             assert splits in attention.NUM_SPLITS_CHOICES
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("model", aot.MODELS, ids=lambda m: m.name)
-def test_variants_cover_the_launchers_picks(model):
+def test_variants_cover_the_launchers_picks(model, dtype):
     """Batches of many shapes through the real launcher: every attention launch is among aot's variants."""
-    dtype = torch.float16
     listed = _attention_picks(aot._launches(model, dtype))
     calls: list = []
     torch.set_default_device("meta")
