@@ -58,6 +58,10 @@ class ModelRunner:
         # Zeroed, not empty: attention reads whole blocks, and 0 * NaN from stale memory would be NaN.
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(c.num_hidden_layers)]
+        if self.device.type == "cuda":
+            # Every attention variant compiled now (or loaded from Triton's cache), not mid-serve.
+            self.ops.launch_every_variant(c.num_attention_heads, self.kv_caches[0][0], self.kv_caches[0][1],
+                                          c.head_dim ** -0.5)
         self.decode_graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs,

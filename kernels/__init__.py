@@ -7,6 +7,7 @@ Without a GPU they run on CPU tensors under the interpreter (TRITON_INTERPRET=1 
 _MODULES = {
     "paged_attention": "kernels.attention",
     "plan_attention": "kernels.attention",
+    "launch_every_variant": "kernels.attention",
     "write_kv_cache": "kernels.kv_cache",
     "rms_norm": "kernels.norm",
     "rotary_embedding": "kernels.rotary",

@@ -109,7 +109,7 @@ def _catch_launches(calls: list):
 
 
 def _launches(model: ModelShape, dtype: torch.dtype) -> list:
-    """Every launch one forward step of `model` can make, caught: (kernel, args, kwargs, what was asked)."""
+    """Every launch one forward step of `model` can make, caught: (kernel, args, kwargs)."""
     m = model
     # On the meta device: no memory, data_ptr() is the offset from an aligned base (as a CUDA allocation's
     # is), and a launcher that asks whether it runs on the CPU (the interpreter) hears no.
@@ -138,40 +138,17 @@ def _launches_on_meta(m: ModelShape, dtype: torch.dtype) -> list:
     positions = torch.arange(tokens)
     slots = torch.arange(tokens, dtype=torch.int64)
     calls: list = []
-    out = []
-
-    def caught(what: dict, launcher, *args, **kwargs):
-        start = len(calls)
-        launcher(*args, **kwargs)
-        out.extend((fn, args, kwargs, what) for fn, args, kwargs in calls[start:])
-
     with _catch_launches(calls):
-        caught({}, norm.rms_norm, x, weight, 1e-6)
-        caught({}, norm.rms_norm, x, weight, 1e-6, x)
+        norm.rms_norm(x, weight, 1e-6)
+        norm.rms_norm(x, weight, 1e-6, x)
         if m.qk_norm:
             q, k = norm.rms_norm(q, head_weight, 1e-6), norm.rms_norm(k, head_weight, 1e-6)
-            caught({}, norm.rms_norm, q, head_weight, 1e-6)
-            caught({}, norm.rms_norm, k, head_weight, 1e-6)
         else:
             q, k = q.contiguous(), k.contiguous()
-        caught({}, rotary.rotary_and_cache, positions, q, k, v, cos, cos, k_cache[0], k_cache[1], slots)
-        caught({}, activation.silu_and_mul, torch.zeros(tokens, 2 * m.intermediate, dtype=dtype))
-
-        group = m.heads // m.kv_heads
-        for block_m in attention.block_m_choices(dtype):
-            if block_m < group:
-                continue
-            for splits in attention.NUM_SPLITS_CHOICES:
-                # A batch of one sequence with as many queries as the tile holds.
-                q_len = block_m // group
-                assert attention.choose_block_m(q_len, group, dtype) == block_m
-                qa = torch.zeros(q_len, m.heads, m.head_dim, dtype=dtype)
-                tables = torch.zeros(1, num_blocks, dtype=torch.int32)
-                lens = torch.tensor([q_len], dtype=torch.int32)
-                starts = torch.tensor([0, q_len], dtype=torch.int32)
-                caught({"BLOCK_M": block_m, "splits": splits}, attention.paged_attention, qa, k_cache[0],
-                       k_cache[1], tables, lens, starts, m.head_dim ** -0.5, num_splits=splits)
-    return out
+        rotary.rotary_and_cache(positions, q, k, v, cos, cos, k_cache[0], k_cache[1], slots)
+        activation.silu_and_mul(torch.zeros(tokens, 2 * m.intermediate, dtype=dtype))
+        attention.launch_every_variant(m.heads, k_cache[0], k_cache[1], m.head_dim ** -0.5)
+    return calls
 
 
 def _specialize(fn, args, kwargs, arch: int) -> tuple[dict, dict, dict, dict]:
@@ -209,9 +186,7 @@ def variants(archs=(80, 90)) -> list[Variant]:
     seen, out = set(), []
     for model in MODELS:
         for dtype in DTYPES:
-            for fn, args, kwargs, what in _launches(model, dtype):
-                if "BLOCK_M" in what and fn is attention._paged_attention_kernel:
-                    assert kwargs["BLOCK_M"] == what["BLOCK_M"], "the launcher did not pick the tile asked for"
+            for fn, args, kwargs in _launches(model, dtype):
                 for arch in archs:
                     sig, consts, attrs, opts = _specialize(fn, args, kwargs, arch)
                     v = Variant(fn.fn.__module__, fn.fn.__name__, arch,

@@ -195,6 +195,26 @@ def choose_num_splits(num_programs: int, max_seq_len: int, device: torch.device)
     return max(n for n in NUM_SPLITS_CHOICES if n <= max(bound, 1))
 
 
+def launch_every_variant(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> None:
+    """Launch once each variant the launcher can pick for this model (every tile height and split count), on
+    one sequence of as many queries as the tile holds, reading block 0 and keeping nothing. The engine calls
+    it at start-up, so Triton compiles them all (or loads them from its cache) before the first request
+    instead of stalling requests mid-serve; `python -m kernels.aot` compiles the same set."""
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    dtype, device = k_cache.dtype, k_cache.device
+    group = num_heads // num_kv_heads
+    for block_m in block_m_choices(dtype):
+        if block_m < group:
+            continue
+        q_len = block_m // group
+        q = torch.zeros(q_len, num_heads, head_dim, dtype=dtype, device=device)
+        tables = torch.zeros(1, triton.cdiv(q_len, block_size), dtype=torch.int32, device=device)
+        lens = torch.tensor([q_len], dtype=torch.int32, device=device)
+        starts = torch.tensor([0, q_len], dtype=torch.int32, device=device)
+        for splits in NUM_SPLITS_CHOICES:
+            paged_attention(q, k_cache, v_cache, tables, lens, starts, scale, num_splits=splits)
+
+
 def plan_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                    block_size: int) -> None:
     """No per-step host plan: the kernel finds each program's sequence on the device."""
