@@ -125,8 +125,8 @@ def _launches_on_meta(m: ModelShape, dtype: torch.dtype) -> list:
     q_size, kv_size = m.heads * m.head_dim, m.kv_heads * m.head_dim
     x = torch.zeros(tokens, m.hidden, dtype=dtype)
     weight = torch.ones(m.hidden, dtype=dtype)
-    # As engine/models/layers.py: q, k, v are views of one fused projection; q and k are then made
-    # contiguous (or normalised into new tensors), and v stays a view.
+    # As engine/models/layers.py: q, k, v are views of one fused projection, q and k rotated in place as
+    # they are (or normalised into new tensors first).
     qkv = torch.zeros(tokens, q_size + 2 * kv_size, dtype=dtype)
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     q, k = (t.reshape(tokens, -1, m.head_dim) for t in (q, k))
@@ -143,8 +143,6 @@ def _launches_on_meta(m: ModelShape, dtype: torch.dtype) -> list:
         norm.rms_norm(x, weight, 1e-6, x)
         if m.qk_norm:
             q, k = norm.rms_norm(q, head_weight, 1e-6), norm.rms_norm(k, head_weight, 1e-6)
-        else:
-            q, k = q.contiguous(), k.contiguous()
         rotary.rotary_and_cache(positions, q, k, v, cos, cos, k_cache[0], k_cache[1], slots)
         activation.silu_and_mul(torch.zeros(tokens, 2 * m.intermediate, dtype=dtype))
         attention.launch_every_variant(m.heads, k_cache[0], k_cache[1], m.head_dim ** -0.5)

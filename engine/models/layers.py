@@ -119,8 +119,8 @@ class Attention(nn.Module):
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        else:  # rotary works in place: q and k must not alias the projection's output views
-            q, k = q.contiguous(), k.contiguous()
+        # Rotary works in place, here on strided views of the projection's output (which nothing else reads):
+        # every implementation takes q and k by their strides, so no copy.
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         rotary(positions, q, k, v, k_cache, v_cache, meta.slot_mapping)
         o = self.ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
