@@ -9,7 +9,7 @@
 # then benchmarks/gpu_report.py writes OUT/summary.md and OUT/summary.json.
 #
 #   bash benchmarks/gpu.sh [--quick] [--out DIR] [--only PART[,PART]] [--dry-run]
-#   PY=/path/to/python bash benchmarks/gpu.sh ...      (default: python on PATH)
+#   PY=/path/to/python bash benchmarks/gpu.sh ...      (default: python on PATH, else python3)
 #
 # --dry-run checks the arguments, writes the checkpoint it would use and prints every command without
 # running it; it needs no GPU. A failed part does not stop the others; the exit status says if any failed.
@@ -19,7 +19,7 @@ PARTS="kernels-tests exactness kernels throughput"
 THROUGHPUT_MODELS="qwen3-0.6b llama-3-8b"
 
 usage() {
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"
 }
 
 die() {
@@ -53,8 +53,9 @@ SELECTED=${SELECTED:-$PARTS}
 
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PY:-python}
-command -v "$PY" >/dev/null || die "no '$PY' found; put python on PATH or set PY=/path/to/python"
+PY=${PY:-$(command -v python || command -v python3)}
+[ -n "$PY" ] && command -v "$PY" >/dev/null \
+    || die "python not found (PY=${PY:-unset}); put python on PATH or set PY=/path/to/python"
 OUT=${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
 mkdir -p -- "$OUT" || die "cannot create --out $OUT"
 for m in $THROUGHPUT_MODELS; do
@@ -115,7 +116,7 @@ if [ -n "$FAILED" ]; then
     exit 1
 fi
 if [ "$DRY_RUN" = 1 ]; then
-    echo "gpu.sh: dry run done; the checkpoint is in $OUT"
+    echo "gpu.sh: dry run done, nothing else ran; records would go to $OUT"
 else
     echo "gpu.sh: done; records and summary.md in $OUT"
 fi
