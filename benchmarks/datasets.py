@@ -1,4 +1,5 @@
-"""Request sets for the serving benchmark: synthetic (default, offline), random, ShareGPT.
+"""Request sets for the serving benchmark: synthetic (default, offline), random, ShareGPT; and random
+token ids for the offline throughput benchmark (nano-vllm's workload, no tokenizer needed).
 
 Prompts are built from real English words so that a tokenizer splits them the way it
 splits ordinary text (roughly 1.3 tokens per word); lengths given in words below are
@@ -179,6 +180,17 @@ def sharegpt_requests(
     if len(out) < num:
         raise ValueError(f"{path} has {len(out)} usable conversations, {num} requested")
     return out
+
+
+def random_token_prompts(
+    num: int, seed: int = 0, lens: tuple[int, int] = (100, 1024), vocab: int = 10000,
+) -> tuple[list[list[int]], list[int]]:
+    """nano-vllm's bench.py workload: `num` prompts of random token ids below `vocab`, each prompt
+    length and each output length drawn uniformly from `lens` (inclusive). Returns (prompts, max_tokens)."""
+    _check_range("lens", lens)
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(*lens))] for _ in range(num)]
+    return prompts, [rng.randint(*lens) for _ in range(num)]
 
 
 def _around(n: int, ratio: float) -> tuple[int, int]:

@@ -5,8 +5,10 @@ same seeded workload, in one run.
     python benchmarks/throughput.py --model benchmarks/configs/qwen3-0.6b.json --load-format dummy
 
 The workload: --num-requests seeded requests of 12-300 words of real text, each asking for 16-160
-tokens with EOS ignored. transformers runs left-padded static batches (best of --hf-batch-sizes);
-only the tokens each request asked for count towards its throughput.
+tokens with EOS ignored; or, with --random-ids 100,1024, nano-vllm's: random token ids, input and output
+lengths uniform in 100..1024, no tokenizer loaded (dummy weights need none). transformers runs
+left-padded static batches (best of --hf-batch-sizes); only the tokens each request asked for count
+towards its throughput.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.datasets import synthetic_requests  # noqa: E402
+from benchmarks.datasets import random_token_prompts, synthetic_requests  # noqa: E402
 from benchmarks.report import environment, save_json  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.config import default_model_path  # noqa: E402
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", default=None, choices=["gguf", "int8", "int4"],
                    help="tokenmill's weights kept quantized (transformers runs the dequantized model)")
     p.add_argument("--num-requests", type=int, default=48)
+    p.add_argument("--random-ids", type=_len_range, default=None, metavar="MIN,MAX",
+                   help="prompts of random token ids; input and output lengths uniform in [MIN, MAX]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
@@ -45,6 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens for the single-request decode comparison (0 to skip)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON record")
     return p
+
+
+def _len_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(",")
+    try:
+        r = int(lo), int(hi)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX (two integers), got {text!r}") from None
+    if not 1 <= r[0] <= r[1]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
+    return r
 
 
 def _sync(device: torch.device) -> None:
@@ -143,12 +158,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     llm = LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
               quantization=args.quantization,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              seed=args.seed)
+              seed=args.seed, skip_tokenizer_init=args.random_ids is not None)
     runner = llm.engine.runner
     tok = llm.get_tokenizer()
-    requests = synthetic_requests(args.num_requests, seed=args.seed)
-    prompts = [tok.encode(r.prompt) for r in requests]
-    max_tokens = [r.max_tokens for r in requests]
+    if args.random_ids:
+        prompts, max_tokens = random_token_prompts(args.num_requests, args.seed, args.random_ids)
+    else:
+        requests = synthetic_requests(args.num_requests, seed=args.seed)
+        prompts = [tok.encode(r.prompt) for r in requests]
+        max_tokens = [r.max_tokens for r in requests]
     print(f"{len(prompts)} requests, {sum(map(len, prompts))} prompt tokens, {sum(max_tokens)} output "
           f"tokens; {llm.engine.model_config.name}, {runner.dtype}, {runner.device}, "
           f"{torch.get_num_threads()} threads")
@@ -160,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = [int(b) for b in args.hf_batch_sizes.split(",") if b]
     if sizes:
         hf = load_hf_model(args, llm, runner.dtype, runner.device)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         record["transformers"] = {}
         for b in sizes:
             r = run_transformers(hf, prompts, max_tokens, b, pad, runner.device)

@@ -96,6 +96,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes for the KV cache (CPU); None: a share of free memory
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    skip_tokenizer_init: bool = False  # no tokenizer: prompts must come as token ids, outputs carry no text
     enforce_eager: bool = False  # disable CUDA graphs
     seed: int = 0
     num_threads: int | None = None  # torch CPU threads; None: torch's default

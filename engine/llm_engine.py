@@ -74,7 +74,8 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
         model_path = config.resolved_model()
-        self.model_config, self.tokenizer, weights = load_model_files(model_path, config.load_format)
+        self.model_config, self.tokenizer, weights = load_model_files(
+            model_path, config.load_format, load_tokenizer=not config.skip_tokenizer_init)
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
@@ -110,6 +111,9 @@ class LLMEngine:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but the engine has no tokenizer (skip_tokenizer_init); "
+                                 "give prompt_token_ids instead")
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         return None, list(prompt)
 

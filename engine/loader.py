@@ -20,13 +20,14 @@ from .config import ModelConfig, default_model_path
 WeightIter = Iterator[tuple[str, torch.Tensor]]
 
 
-def load_model_files(path: str, load_format: str = "auto"):
-    """Returns (ModelConfig, tokenizer or None, weights iterator or None for dummy)."""
+def load_model_files(path: str, load_format: str = "auto", load_tokenizer: bool = True):
+    """Returns (ModelConfig, tokenizer or None, weights iterator or None for dummy). Without
+    load_tokenizer the tokenizer is None: a checkpoint need not ship one."""
     if load_format == "dummy":
-        return _dummy_config(path), _load_tokenizer_for_dummy(path), None
+        return _dummy_config(path), _load_tokenizer_for_dummy(path) if load_tokenizer else None, None
     if path.endswith(".gguf") or load_format == "gguf":
-        return _load_gguf(path)
-    return _load_hf_dir(path)
+        return _load_gguf(path, load_tokenizer)
+    return _load_hf_dir(path, load_tokenizer)
 
 
 # ---- Hugging Face directory -------------------------------------------------------------------
@@ -39,7 +40,7 @@ def _read_config(path: str) -> dict:
         return json.load(f)
 
 
-def _load_hf_dir(path: str):
+def _load_hf_dir(path: str, load_tokenizer: bool = True):
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
@@ -58,7 +59,7 @@ def _load_hf_dir(path: str):
                 for name in f.keys():
                     yield name, f.get_tensor(name)
 
-    return cfg, AutoTokenizer.from_pretrained(path), weights()
+    return cfg, AutoTokenizer.from_pretrained(path) if load_tokenizer else None, weights()
 
 
 # ---- GGUF ------------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def _gguf_rope_scaling(field: Callable[..., Any], arch: str, head_dim: int,
     return {"rope_type": "linear", "factor": factor} if factor != 1.0 else None
 
 
-def _load_gguf(path: str):
+def _load_gguf(path: str, load_tokenizer: bool = True):
     import gguf
 
     reader = gguf.GGUFReader(path)
@@ -166,7 +167,7 @@ def _load_gguf(path: str):
     # Views into the memory-mapped file: they cost nothing until a quantized model reads them.
     blocks = {_gguf_hf_name(name): (t.tensor_type.name, rows(name, t.data))
               for name, t in tensors.items() if len(t.shape) == 2}
-    return cfg, load_gguf_tokenizer(path), GGUFWeights(weights(), blocks)
+    return cfg, load_gguf_tokenizer(path) if load_tokenizer else None, GGUFWeights(weights(), blocks)
 
 
 class GGUFWeights:
