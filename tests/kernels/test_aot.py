@@ -68,3 +68,36 @@ def test_compiles_one_variant_for_sm90():
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.splitlines()[-1].startswith("1 variants, 0 spills, 0 failures"), run.stdout
     assert "regs=" in run.stdout
+
+
+_BATCH_OF_ONE = """
+import torch
+from kernels import aot, attention
+model, keys = aot.MODELS[0], []
+torch.set_default_device("meta")
+for num_seqs in (1, 5):
+    calls = []
+    q = torch.zeros(num_seqs, model.heads, model.head_dim, dtype=torch.float16)
+    cache = torch.zeros(4, aot.BLOCK_SIZE, model.kv_heads, model.head_dim, dtype=torch.float16)
+    tables = torch.zeros(num_seqs, 4, dtype=torch.int32)
+    lens = torch.full((num_seqs,), 40, dtype=torch.int32)
+    starts = torch.arange(num_seqs + 1, dtype=torch.int32)
+    with aot._catch_launches(calls):
+        attention.paged_attention(q, cache, cache, tables, lens, starts, 0.1, num_splits=2)
+    keys.append([repr(aot._specialize(fn, args, kwargs, 90)[:3]) for fn, args, kwargs in calls])
+assert len(keys[0]) == 2, keys  # the attention kernel and the merge of its splits
+assert keys[0] == keys[1], keys
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's GPU backend")
+def test_a_batch_of_one_compiles_the_same_variant_as_any_batch():
+    """num_seqs == 1 (one request, the batch-1 graph) and num_tokens == 1 must not become compile-time
+    constants: a one-sequence decode launches the variant of a larger batch (Triton specialised, compiled,
+    not the interpreter: in a process of its own)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", _BATCH_OF_ONE], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
