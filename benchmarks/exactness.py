@@ -55,12 +55,16 @@ def transformers_greedy(model: str, prompts: list[list[int]], num_tokens: int, d
                         device: str) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype]).to(device).eval()
+    # .to(dtype) rather than from_pretrained's dtype argument, which older transformers ignore silently.
+    hf = AutoModelForCausalLM.from_pretrained(model).to(device=device, dtype=DTYPES[dtype]).eval()
+    # No EOS, as tokenmill's ignore_eos: min_new_tokens would instead forbid the EOS id (-inf), and a greedy
+    # pick of that id would count as a mismatch.
+    hf.generation_config.eos_token_id = None
     out = []
     for p in prompts:
         ids = torch.tensor([p], device=device)
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_tokens,
-                          min_new_tokens=num_tokens, do_sample=False, pad_token_id=0)
+                          do_sample=False, pad_token_id=0)
         out.append(ref[0, len(p):].tolist())
     del hf
     gc.collect()

@@ -50,8 +50,9 @@ def _summary_rows(records: dict) -> list[list[str]]:
         rows.append(["kernel tests, compiled", "not run", ""])
     else:
         bad = t["failures"] + t["errors"]
-        rows.append(["kernel tests, compiled", "PASS" if t["tests"] and not bad else "FAIL",
-                     f"{t['tests'] - bad - t['skipped']} passed, {t['failures']} failed, {t['errors']} errors, "
+        passed = t["tests"] - bad - t["skipped"]
+        rows.append(["kernel tests, compiled", "PASS" if passed and not bad else "FAIL",
+                     f"{passed} passed, {t['failures']} failed, {t['errors']} errors, "
                      f"{t['skipped']} skipped in {t['time']:.0f} s"])
     e = records["exactness"]
     if e is None:

@@ -126,6 +126,9 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
         text, ids = self.tokenize(prompt)
+        if self.tokenizer is None and params.stop:
+            raise ValueError("stop strings need a tokenizer, and this engine has none (skip_tokenizer_init); "
+                             "use stop_token_ids")
         self.config.limits.check_params(params)
         check_prompt(ids, params, self.model_config.vocab_size, self.max_model_len)
         if params.max_tokens is None:

@@ -100,7 +100,8 @@ class ModelRunner:
 
     def _forward_peak(self, n: int, logits_rows: int = 0) -> int:
         """Bytes a forward pass of one n-token prompt allocates at its peak beyond what is allocated now,
-        its scratch KV blocks included; the memory goes back to the driver afterwards."""
+        less its scratch KV blocks (serving keeps those tokens in the real cache, which the budget is for);
+        the memory goes back to the driver afterwards."""
         c, dev = self.model_config, self.device
         num_blocks = -(-n // self.block_size)
         base = torch.cuda.memory_allocated(dev)
@@ -118,7 +119,7 @@ class ModelRunner:
             if logits_rows:
                 self.model.compute_logits(h[-logits_rows:])
         torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) - base
+        peak = torch.cuda.max_memory_allocated(dev) - base - sum(t.numel() * t.element_size() for t in scratch)
         del scratch, h
         torch.cuda.empty_cache()
         return peak

@@ -12,7 +12,7 @@ from benchmarks import gpu_report, throughput
 from benchmarks.datasets import random_token_prompts
 from benchmarks.exactness import tokenmill_greedy, transformers_greedy
 from benchmarks.random_checkpoint import write_random_llama
-from engine import LLM
+from engine import LLM, SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,6 +81,8 @@ def test_without_a_tokenizer_a_text_prompt_is_refused_with_a_message(checkpoint)
     assert llm.get_tokenizer() is None
     with pytest.raises(ValueError, match="give prompt_token_ids"):
         llm.generate("Once upon a time", use_tqdm=False)
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(stop=["."]), use_tqdm=False)
 
 
 def test_workload_is_nano_vllms_256_requests_of_100_to_1024_tokens():

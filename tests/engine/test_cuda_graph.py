@@ -76,7 +76,8 @@ def test_graph_step_logits_equal_the_eager_step(tiny_llm):
 
 class _FakeCudaMemory:
     """torch.cuda's memory calls as a GPU would answer them: 10 GB in all, 4 GB in use before the profile
-    (weights, the CUDA context, another process), and a forward of n tokens peaking 7 kB x n above that."""
+    (weights, the CUDA context, another process), and a forward of n tokens (its scratch KV included)
+    peaking 7 kB x n above that."""
 
     def __init__(self):
         self.tokens = 0
@@ -104,8 +105,13 @@ def test_kv_budget_leaves_out_memory_in_use_the_prefill_peak_and_the_graph_pool(
     runner = tiny_llm.engine.runner
     monkeypatch.setattr(runner, "config", dataclasses.replace(runner.config, enforce_eager=enforce_eager))
     _FakeCudaMemory().install(monkeypatch, runner)
-    cfg = runner.config
-    prefill = 7000 * min(cfg.max_num_batched_tokens, 512)  # the model's 512 positions bound the profile
-    graphs = 0 if enforce_eager else 7000 * cfg.max_num_seqs
+    cfg, mc = runner.config, runner.model_config
+
+    def activations(n: int) -> int:  # the fake peak less the scratch KV blocks of n tokens, which serving keeps
+        kv = 2 * -(-n // cfg.block_size) * cfg.block_size * mc.num_key_value_heads * mc.head_dim * 4
+        return 7000 * n - mc.num_hidden_layers * kv
+
+    prefill = activations(min(cfg.max_num_batched_tokens, 512))  # the model's 512 positions bound the profile
+    graphs = 0 if enforce_eager else activations(cfg.max_num_seqs)
     expected = int(10 * 10**9 * cfg.gpu_memory_utilization - 4 * 10**9 - prefill - graphs)
     assert runner._profile_free_gpu_memory() == expected
