@@ -13,7 +13,7 @@ def _write_kv_cache_kernel(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # token * stride_kt: the strides of the fused qkv rows are wide
     slot = tl.load(slot_mapping_ptr + token)
     if slot < 0:  # padding token: nothing to write
         return
