@@ -29,6 +29,7 @@ from .request import Sequence
 from .sampler import PenaltyState, Sampler, SamplerOutput, SamplingMetadata
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .structured_output import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, _Request] = {}
+        self._grammars: GrammarCompiler | None = None  # made on the first structured-output request
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.finished_reasons: dict[str, int] = {}
@@ -126,6 +128,9 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
         text, ids = self.tokenize(prompt)
+        grammar = params.structured_outputs
+        if grammar is not None:
+            self._grammar_compiler().compile(grammar)  # an invalid one fails here, before any memory
         if self.tokenizer is None and params.stop:
             raise ValueError("stop strings need a tokenizer, and this engine has none (skip_tokenizer_init); "
                              "use stop_token_ids")
@@ -141,8 +146,10 @@ class LLMEngine:
             if params.seed is not None:  # each sample of a seeded request gets its own stream
                 generator = torch.Generator(self.runner.device).manual_seed(params.seed + i)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params) if self.tokenizer else None
-            seqs.append(Sequence(f"{request_id}#{i}", request_id, i, ids, params, detok, generator,
-                                 arrival_time or now))
+            seq = Sequence(f"{request_id}#{i}", request_id, i, ids, params, detok, generator, arrival_time or now)
+            if grammar is not None:
+                seq.matcher = self._grammar_compiler().matcher(grammar)
+            seqs.append(seq)
         req = _Request(request_id, text, ids, seqs, RequestMetrics(arrival_time or now))
         if self.faults is not None:
             req.fault_text = text if text is not None else self.tokenizer.decode(ids)
@@ -236,9 +243,13 @@ class LLMEngine:
         states = None
         if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
             states = [self._penalty_state(s) for s in seqs]
+        bitmask = None
+        rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if rows:
+            bitmask = (self._grammar_compiler().bitmask(len(seqs), rows, [seqs[i].matcher for i in rows]), rows)
         meta = SamplingMetadata.build(
             params, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
-            [s.generator for s in seqs], self.model_config.vocab_size, logits.device, states)
+            [s.generator for s in seqs], self.model_config.vocab_size, logits.device, states, bitmask)
         out: SamplerOutput = self.sampler(logits, meta)
         return list(zip(out.token_ids, out.logprobs, out.top_logprobs, strict=False))
 
@@ -248,7 +259,17 @@ class LLMEngine:
                                              self.runner.device)
         return seq.penalty_state
 
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer, and this engine has none "
+                                 "(skip_tokenizer_init)")
+            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+        return self._grammars
+
     def _append(self, seq: Sequence, token: int, logprob: float, top: list[tuple[int, float]] | None) -> None:
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            raise RuntimeError(f"token {token} does not fit the request's structured output")
         seq.append_token(token)
         seq.cumulative_logprob += logprob
         if seq.logprobs is not None:
@@ -264,6 +285,9 @@ class LLMEngine:
             if params.include_stop_str_in_output and seq.detokenizer:
                 seq.detokenizer.append([token])
             self._finish(seq, "stop", reason)
+            return
+        if seq.matcher is not None and seq.matcher.is_terminated():  # the grammar took its stop token
+            self._finish(seq, "stop", None)
             return
         stop_str = seq.detokenizer.append([token], check_stops=may_stop) if seq.detokenizer else None
         if stop_str is not None:

@@ -50,6 +50,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        self.matcher = None  # structured outputs: the grammar state of this sequence's output
         self.num_sent_tokens = 0  # output tokens already handed out in a delta
         self.finish_sent = False  # the delta carrying finish_reason has gone out
         self.penalty_state: PenaltyState | None = None  # made on first use by a penalty

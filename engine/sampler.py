@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.structured_output import apply_token_bitmask
 
 
 class PenaltyState:
@@ -59,13 +60,17 @@ class SamplingMetadata:
     output_counts: torch.Tensor | None        # [batch, vocab] float32
     num_logprobs: list[int | None]            # host side: top-N per row
     max_num_logprobs: int
+    # Structured outputs: ([batch, vocab / 32] int32 bits of the allowed tokens, the constrained rows)
+    token_bitmask: tuple[torch.Tensor, list[int]] | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], prompt_token_ids: list[list[int]],
               output_token_ids: list[list[int]], generators: list[torch.Generator | None],
               vocab_size: int, device: torch.device,
-              penalty_states: list[PenaltyState] | None = None) -> SamplingMetadata:
-        """penalty_states: one per row, kept by the caller across steps; made afresh if not given."""
+              penalty_states: list[PenaltyState] | None = None,
+              token_bitmask: tuple[torch.Tensor, list[int]] | None = None) -> SamplingMetadata:
+        """penalty_states: one per row, kept by the caller across steps; made afresh if not given.
+        token_bitmask: the structured-output rows' allowed tokens (see SamplingMetadata)."""
         batch = len(params)
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == batch):
             raise ValueError("params, prompt_token_ids, output_token_ids and generators "
@@ -143,6 +148,7 @@ class SamplingMetadata:
             output_counts=output_counts,
             num_logprobs=num_logprobs,
             max_num_logprobs=max((n for n in num_logprobs if n is not None), default=0),
+            token_bitmask=token_bitmask,
         )
 
 
@@ -207,6 +213,8 @@ class Sampler:
         n_top = min(meta.max_num_logprobs, meta.vocab_size)
         top = x.topk(n_top, dim=-1) if n_top else None  # raw, before any processing
 
+        if meta.token_bitmask is not None:  # before any processing: the grammar's -inf wins over any bias
+            apply_token_bitmask(x, *meta.token_bitmask, meta.vocab_size)
         process_logits(x, meta)
         if meta.all_greedy:
             token_ids = x.argmax(dim=-1)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from .structured_output import StructuredOutputsParams
+
 
 @dataclass
 class SamplingParams:
@@ -30,6 +32,8 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs alongside the chosen token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Output constrained to a JSON schema, regex, choice or grammar (a StructuredOutputsParams or its fields).
+    structured_outputs: StructuredOutputsParams | dict | None = None
     # Token ids that end generation besides stop_token_ids (the model's EOS); set by the engine.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -42,6 +46,8 @@ class SamplingParams:
             self.top_k = -1
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
 
     def _validate(self) -> None:
