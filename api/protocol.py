@@ -56,6 +56,13 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool = False
 
 
+class ResponseFormat(OpenAIModel):
+    """OpenAI's response_format: "text", "json_object", or "json_schema" with
+    json_schema = {"name": ..., "schema": {...}, "strict": ...}."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None
+
+
 class SamplingFields(OpenAIModel):
     """Fields shared by completions and chat: OpenAI's, then vLLM's extras."""
 
@@ -80,6 +87,14 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs ({"json" | "regex" | "choice" |
+    # "grammar" | "json_object": ...}) and its older guided_* fields; at most one of them.
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 def _check_prompt(value: Any) -> Any:
@@ -147,18 +162,12 @@ class ChatMessage(OpenAIModel):
         return "\n".join(part["text"] for part in value)
 
 
-class ResponseFormat(OpenAIModel):
-    type: str
-    json_schema: dict | None = None
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     # Not supported yet: rejected when set to anything but their "off" value.
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None

@@ -46,6 +46,37 @@ _SAMPLING_FIELDS = ("n", "stop", "seed", "temperature", "top_p", "frequency_pena
                     "skip_special_tokens", "include_stop_str_in_output")
 
 
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def structured_constraint(req: SamplingFields) -> tuple[str, dict] | None:
+    """(the request field that gave it, StructuredOutputsParams fields) of the request's output constraint,
+    or None. A 400 if more than one field asks for one, or response_format is incomplete."""
+    given: list[tuple[str, dict]] = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        given.append(("response_format", {"json_object": True}))
+    elif rf is not None and rf.type == "json_schema":
+        schema = (rf.json_schema or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise bad_request("response_format json_schema needs json_schema.schema, a JSON schema object",
+                              "response_format")
+        given.append(("response_format", {"json": schema}))
+    if req.structured_outputs is not None:
+        given.append(("structured_outputs", dict(req.structured_outputs)))
+    given += [(name, {key: getattr(req, name)}) for name, key in _GUIDED.items() if getattr(req, name) is not None]
+    if len(given) > 1:
+        raise bad_request(f"give at most one output constraint; got {', '.join(f for f, _ in given)}", given[1][0])
+    return given[0] if given else None
+
+
+def constraint_field(req: SamplingFields) -> str | None:
+    """The request field that carries its output constraint (for errors that name it), or None."""
+    return next((name for name in ("response_format", "structured_outputs", *_GUIDED)
+                 if getattr(req, name) is not None
+                 and not (name == "response_format" and req.response_format.type == "text")), None)
+
+
 @dataclass
 class ChoiceDelta:
     """What one choice gained since the last chunk."""
@@ -92,10 +123,14 @@ class OpenAIServing:
                 fields["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
             except ValueError:
                 raise bad_request("logit_bias: keys must be token ids (integers as strings)", "logit_bias") from None
+        constraint = structured_constraint(req)
+        if constraint is not None:
+            fields["structured_outputs"] = constraint[1]
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **fields)
         except ValueError as e:  # the message starts with the field's name
-            raise bad_request(str(e), param=str(e).split(" ", 1)[0]) from None
+            param = str(e).split(" ", 1)[0]
+            raise bad_request(str(e), param=constraint[0] if param == "structured_outputs" else param) from None
 
     async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.content or ""}
@@ -106,7 +141,7 @@ class OpenAIServing:
             raise bad_request(str(e), e.param) from None
 
     async def start(self, request_id: str, prompts: list[PromptType], params: SamplingParams,
-                    arrival_time: float, prompt_field: str) -> list[RequestStream]:
+                    arrival_time: float, prompt_field: str, constraint_field: str | None = None) -> list[RequestStream]:
         """Queue one engine request per prompt; all are accepted or none is. Raises a 400 naming the field
         for a bad request; overload and a dead or stopping engine go to their own handlers (503)."""
         limit = self.engine.limits.max_prompts
@@ -126,7 +161,9 @@ class OpenAIServing:
             self.engine.abort([s.request_id for s in results if isinstance(s, RequestStream)])
             error = next((e for e in errors if not isinstance(e, ValueError)), errors[0])
             if isinstance(error, ValueError):
-                raise bad_request(str(error), param=getattr(error, "param", None) or prompt_field)
+                # The engine compiles a structured-output constraint; its errors name the request's field.
+                param = constraint_field if "structured_outputs" in str(error) else None
+                raise bad_request(str(error), param=getattr(error, "param", None) or param or prompt_field)
             raise error
         return results
 

@@ -24,7 +24,14 @@ from .protocol import (
     TopLogprob,
     UsageInfo,
 )
-from .serving import OpenAIServing, cancel_on_disconnect, check_stream_options, sse_response, stream_usage_flags
+from .serving import (
+    OpenAIServing,
+    cancel_on_disconnect,
+    check_stream_options,
+    constraint_field,
+    sse_response,
+    stream_usage_flags,
+)
 
 
 class ServingChat:
@@ -42,7 +49,7 @@ class ServingChat:
         params = s.sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         prompt = await s.chat_prompt(req.messages)
         request_id = raw.state.request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await s.start(request_id, [prompt], params, arrival, "messages")
+        streams = await s.start(request_id, [prompt], params, arrival, "messages", constraint_field(req))
         if req.stream:
             return sse_response(self._chunks(req, request_id, streams), request_id, s.sse_ping_s, streams)
         finals = await cancel_on_disconnect(raw, s.final_outputs(streams))
@@ -94,8 +101,5 @@ def _reject_unsupported(req: ChatCompletionRequest) -> None:
         raise bad_request("tool_choice is not supported yet (only \"none\")", "tool_choice")
     if req.functions or req.function_call is not None:
         raise bad_request("functions and function_call are not supported", "functions")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(f"response_format type {req.response_format.type!r} is not supported yet "
-                          "(only \"text\")", "response_format")
     if req.top_logprobs and not req.logprobs:  # 0 asks for nothing: vLLM accepts it without logprobs
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")

@@ -19,7 +19,14 @@ from .protocol import (
     CompletionResponse,
     UsageInfo,
 )
-from .serving import OpenAIServing, cancel_on_disconnect, check_stream_options, sse_response, stream_usage_flags
+from .serving import (
+    OpenAIServing,
+    cancel_on_disconnect,
+    check_stream_options,
+    constraint_field,
+    sse_response,
+    stream_usage_flags,
+)
 
 
 class ServingCompletions:
@@ -43,7 +50,7 @@ class ServingCompletions:
         prompts = req.prompt if isinstance(req.prompt, list) and not isinstance(req.prompt[0], int) else [req.prompt]
         request_id = raw.state.request_id = f"cmpl-{uuid.uuid4().hex}"
         echo = [(p if isinstance(p, str) else await s.engine.decode(p)) if req.echo else "" for p in prompts]
-        streams = await s.start(request_id, prompts, params, arrival, "prompt")
+        streams = await s.start(request_id, prompts, params, arrival, "prompt", constraint_field(req))
         if req.stream:
             return sse_response(self._chunks(req, request_id, streams, echo), request_id, s.sse_ping_s, streams)
         finals = await cancel_on_disconnect(raw, s.final_outputs(streams))

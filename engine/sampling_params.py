@@ -5,7 +5,7 @@ API layer can turn it into a 400 without knowing the rules itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from .structured_output import StructuredOutputsParams
 
@@ -47,6 +47,9 @@ class SamplingParams:
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         if isinstance(self.structured_outputs, dict):
+            unknown = sorted(set(self.structured_outputs) - {f.name for f in fields(StructuredOutputsParams)})
+            if unknown:
+                raise ValueError(f"structured_outputs has unknown fields {unknown}")
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
 

@@ -41,7 +41,8 @@ class StructuredOutputsParams:
             raise ValueError("structured_outputs takes exactly one of json, json_object, regex, choice and "
                              f"grammar; got {given or 'none'}")
         if self.choice is not None:
-            if not self.choice or not all(isinstance(c, str) for c in self.choice):
+            if (not isinstance(self.choice, list | tuple) or not self.choice
+                    or not all(isinstance(c, str) for c in self.choice)):
                 raise ValueError("structured_outputs.choice must be a non-empty list of strings")
             object.__setattr__(self, "choice", tuple(self.choice))
         if self.json is not None and not isinstance(self.json, dict | str):
