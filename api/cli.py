@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                               ("--max-stop-len", "max_stop_len", "characters in one stop string"),
                               ("--max-stop-token-ids", "max_stop_token_ids", "stop_token_ids in one request"),
                               ("--max-logit-bias", "max_logit_bias", "logit_bias entries in one request"),
-                              ("--max-prompt-chars", "max_prompt_chars", "characters of prompt text in one request")]:
+                              ("--max-prompt-chars", "max_prompt_chars", "characters of prompt text in one request"),
+                              ("--max-constraint-chars", "max_constraint_chars",
+                               "characters of a structured-output constraint (schema, regex, choices, grammar)")]:
         serve.add_argument(flag, dest=field, type=int, default=getattr(limits, field),
                            help=f"most {what}; more is a 400 (default: %(default)s)")
     serve.add_argument("--sse-ping-interval", type=float, default=15.0,
@@ -111,6 +113,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                                              max_stop_token_ids=args.max_stop_token_ids,
                                              max_logit_bias=args.max_logit_bias,
                                              max_prompt_chars=args.max_prompt_chars,
+                                             max_constraint_chars=args.max_constraint_chars,
                                              max_waiting_seqs=args.max_queue_len))
 
 

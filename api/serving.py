@@ -161,9 +161,10 @@ class OpenAIServing:
             self.engine.abort([s.request_id for s in results if isinstance(s, RequestStream)])
             error = next((e for e in errors if not isinstance(e, ValueError)), errors[0])
             if isinstance(error, ValueError):
-                # The engine compiles a structured-output constraint; its errors name the request's field.
-                param = constraint_field if "structured_outputs" in str(error) else None
-                raise bad_request(str(error), param=getattr(error, "param", None) or param or prompt_field)
+                param = getattr(error, "param", None)
+                if constraint_field and "structured_outputs" in str(error):  # named by the field the client used
+                    param = constraint_field
+                raise bad_request(str(error), param=param or prompt_field)
             raise error
         return results
 

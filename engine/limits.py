@@ -31,6 +31,8 @@ class RequestLimits:
     max_stop_token_ids: int = 256
     max_logit_bias: int = 1024  # entries
     max_prompt_chars: int = 1 << 20  # text given to the tokenizer (1 Mi characters)
+    # A structured-output constraint's text (schema, regex, choices or grammar): compile time grows with it.
+    max_constraint_chars: int = 64 << 10
     max_waiting_seqs: int = 512
 
     def __post_init__(self) -> None:
@@ -50,6 +52,9 @@ class RequestLimits:
         bound("stop", longest, self.max_stop_len, "characters in a stop string")
         bound("stop_token_ids", len(params.stop_token_ids), self.max_stop_token_ids, "token ids")
         bound("logit_bias", len(params.logit_bias or ()), self.max_logit_bias, "entries")
+        if params.structured_outputs is not None:
+            bound("structured_outputs", len(params.structured_outputs.key()), self.max_constraint_chars,
+                  "characters of constraint")
 
     def check_prompt_text(self, text: str, param: str = "prompt") -> None:
         if len(text) > self.max_prompt_chars:

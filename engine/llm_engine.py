@@ -128,14 +128,14 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
         text, ids = self.tokenize(prompt)
-        grammar = params.structured_outputs
-        if grammar is not None:
-            self._grammar_compiler().compile(grammar)  # an invalid one fails here, before any memory
         if self.tokenizer is None and params.stop:
             raise ValueError("stop strings need a tokenizer, and this engine has none (skip_tokenizer_init); "
                              "use stop_token_ids")
         self.config.limits.check_params(params)
         check_prompt(ids, params, self.model_config.vocab_size, self.max_model_len)
+        grammar = params.structured_outputs
+        if grammar is not None:  # within its size limit (check_params); an invalid one fails here
+            self._grammar_compiler().compile(grammar)
         if params.max_tokens is None:
             params = params.clone(max_tokens=self.max_model_len - len(ids))
         params.all_stop_token_ids = set() if params.ignore_eos else set(self.eos_token_ids)
