@@ -72,9 +72,8 @@ def structured_constraint(req: SamplingFields) -> tuple[str, dict] | None:
 
 def constraint_field(req: SamplingFields) -> str | None:
     """The request field that carries its output constraint (for errors that name it), or None."""
-    return next((name for name in ("response_format", "structured_outputs", *_GUIDED)
-                 if getattr(req, name) is not None
-                 and not (name == "response_format" and req.response_format.type == "text")), None)
+    constraint = structured_constraint(req)
+    return constraint[0] if constraint else None
 
 
 @dataclass
