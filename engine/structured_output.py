@@ -60,9 +60,9 @@ class StructuredOutputsParams:
                 schema = json.loads(schema)
             except json.JSONDecodeError as e:
                 raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+        # Not sort_keys: xgrammar writes an object's properties in the schema's order.
         return json.dumps({"json": schema, "json_object": self.json_object, "regex": self.regex,
-                           "choice": self.choice, "grammar": self.grammar,
-                           "ws": self.disable_any_whitespace}, sort_keys=True)
+                           "choice": self.choice, "grammar": self.grammar, "ws": self.disable_any_whitespace})
 
 
 class GrammarCompiler:
