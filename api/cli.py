@@ -12,6 +12,8 @@ from pathlib import Path
 from engine.config import EngineConfig
 from engine.limits import RequestLimits
 
+from .tool_parsers import TOOL_FORMATS
+
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
                "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30}
 
@@ -81,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"most {what}; more is a 400 (default: %(default)s)")
     serve.add_argument("--sse-ping-interval", type=float, default=15.0,
                        help="seconds between keep-alive comments on an idle stream (default: %(default)s)")
+    serve.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_FORMATS),
+                       help="the format of tool calls in the model's replies (tool_choice auto): hermes "
+                            "(<tool_call> JSON: Qwen2.5/3, Hermes, SmolLM3) or llama3_json (Llama 3.1's JSON); "
+                            "default: the one the chat template implies, hermes for templates without tools")
     serve.add_argument("--fault-injection", default=None,
                        help="testing only: make chosen requests or steps fail (request:MARKER, "
                             "sampler:MARKER, step:N; see engine/faults.py)")
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run_server(config, args.host, args.port, args.served_model_name, args.api_key,
-                          args.sse_ping_interval, args.engine_in_process)
+                          args.sse_ping_interval, args.engine_in_process, args.tool_call_parser)
     except EngineStartupError as e:
         print(f"tokenmill serve: the engine failed to start: {e}", file=sys.stderr)
         return 1

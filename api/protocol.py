@@ -17,6 +17,8 @@ from pydantic import (
     Field,
     ModelWrapValidatorHandler,
     TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -133,15 +135,50 @@ class CompletionRequest(SamplingFields):
     _prompt = field_validator("prompt")(_check_prompt)
 
 
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments; none means any object
+    strict: bool | None = None  # calls that must fit `parameters` are always constrained: see api/tools.py
+
+
+class ChatTool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ChatToolCall(OpenAIModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
     # For the schema, what _content_required checks: only an assistant message may go without content.
     model_config = ConfigDict(json_schema_extra={
         "if": {"properties": {"role": {"const": "assistant"}}},
         "else": {"properties": {"content": {"type": "string"}}, "required": ["content"]}})
-    # "developer" is OpenAI's newer name for "system"; it reaches the chat template as "system".
-    role: Literal["system", "developer", "user", "assistant"]
+    # "developer" is OpenAI's newer name for "system"; it reaches the chat template as "system". Other
+    # roles (vLLM's custom roles) reach the template as they are; the template may reject them.
+    role: str = Field(min_length=1, max_length=64)
     content: str | None = None  # OpenAI allows null on an assistant message (one that called tools)
     name: str | None = None
+    tool_calls: list[ChatToolCall] | None = None  # an assistant message's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
@@ -168,12 +205,22 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # Not supported yet: rejected when set to anything but their "off" value.
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # OpenAI's deprecated forms of tools and tool_choice: rejected when set.
     functions: list[dict] | None = None
     function_call: str | dict | None = None
+
+    @field_validator("tool_choice", mode="wrap")
+    @classmethod
+    def _one_tool_choice(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """One message for a bad value, rather than one per member of the union."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError('must be "none", "auto", "required" or '
+                             '{"type": "function", "function": {"name": ...}}') from None
 
 
 class TokenizeRequest(OpenAIModel):
@@ -238,7 +285,8 @@ class ChatLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ChatToolCall] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChoice(BaseModel):
@@ -259,10 +307,25 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = Field(None, exclude_if=lambda v: v is None)
+    arguments: str
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: the first carries its id, type and name; later ones append to
+    its arguments."""
+    index: int
+    id: str | None = Field(None, exclude_if=lambda v: v is None)
+    type: Literal["function"] | None = Field(None, exclude_if=lambda v: v is None)
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     # OpenAI sends the role only in a choice's first chunk.
     role: str | None = Field(None, exclude_if=lambda v: v is None)
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(BaseModel):

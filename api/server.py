@@ -85,11 +85,13 @@ class _Route(APIRoute):
 
 
 def build_app(engine: EngineClient, served_model_name: str | None = None, api_key: str | None = None,
-              owns_engine: bool = True, sse_ping_s: float = 15.0) -> FastAPI:
-    """An app serving `engine`. With owns_engine, the app's lifespan starts and stops the engine."""
+              owns_engine: bool = True, sse_ping_s: float = 15.0, tool_call_parser: str | None = None) -> FastAPI:
+    """An app serving `engine`. With owns_engine, the app's lifespan starts and stops the engine.
+    tool_call_parser: the format of tool calls in replies (api/tool_parsers.py); by default the one the
+    chat template implies."""
     model_name = served_model_name or engine.model_config.name
     metrics = ServerMetrics(lambda: engine.stats, model_name)
-    serving = OpenAIServing(engine, model_name, metrics, sse_ping_s)
+    serving = OpenAIServing(engine, model_name, metrics, sse_ping_s, tool_call_parser)
     # On SIGTERM, streams in flight finish (uvicorn's graceful shutdown waits for them) rather than
     # being cut by sse-starlette's default drain.
     AppStatus.disable_automatic_graceful_drain()
@@ -162,7 +164,8 @@ def build_app(engine: EngineClient, served_model_name: str | None = None, api_ke
 
 
 def run_server(config: EngineConfig, host: str, port: int, served_model_name: str | None = None,
-               api_key: str | None = None, sse_ping_s: float = 15.0, engine_in_process: bool = False) -> int:
+               api_key: str | None = None, sse_ping_s: float = 15.0, engine_in_process: bool = False,
+               tool_call_parser: str | None = None) -> int:
     """Load the model, then serve until SIGINT or SIGTERM (which drain in-flight requests first).
 
     The engine runs in a process of its own, or with engine_in_process on a thread of this one. Raises
@@ -173,7 +176,7 @@ def run_server(config: EngineConfig, host: str, port: int, served_model_name: st
     else:
         torch.set_num_threads(1)  # this process only tokenizes and serves HTTP: the cores are the engine's
         engine = MPEngineClient(config)
-    app = build_app(engine, served_model_name, api_key, sse_ping_s=sse_ping_s)
+    app = build_app(engine, served_model_name, api_key, sse_ping_s=sse_ping_s, tool_call_parser=tool_call_parser)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
 

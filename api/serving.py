@@ -36,6 +36,8 @@ from engine.sampling_params import SamplingParams
 from .errors import APIError, bad_request
 from .metrics import ServerMetrics
 from .protocol import ChatMessage, ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
+from .tool_parsers import TOOL_FORMATS, format_for_template
+from .tools import ToolRequest, conversation
 
 T = TypeVar("T")
 logger = logging.getLogger("tokenmill.api")
@@ -98,7 +100,8 @@ class TokenLogprob:
 class OpenAIServing:
     """Holds the engine, the served model's name and the metrics; runs requests for both endpoints."""
 
-    def __init__(self, engine: EngineClient, model_name: str, metrics: ServerMetrics, sse_ping_s: float = 15.0):
+    def __init__(self, engine: EngineClient, model_name: str, metrics: ServerMetrics, sse_ping_s: float = 15.0,
+                 tool_call_parser: str | None = None):
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
@@ -106,6 +109,9 @@ class OpenAIServing:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.model_config.vocab_size
+        # The format of tool calls in replies: as given, or the one the chat template implies.
+        self.tool_format = (TOOL_FORMATS[tool_call_parser]() if tool_call_parser
+                            else format_for_template(getattr(self.tokenizer, "chat_template", None)))
         self.system_fingerprint = "fp_" + hashlib.sha256(f"tokenmill-{model_name}".encode()).hexdigest()[:10]
 
     # ---- request -> engine -----------------------------------------------------------------
@@ -115,7 +121,9 @@ class OpenAIServing:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
 
-    def sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                        tool_constraint: dict | None = None) -> SamplingParams:
+        """The request's SamplingParams; tool_constraint: the constraint that forces its tool calls."""
         fields = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
         if req.logit_bias:
             try:
@@ -123,6 +131,11 @@ class OpenAIServing:
             except ValueError:
                 raise bad_request("logit_bias: keys must be token ids (integers as strings)", "logit_bias") from None
         constraint = structured_constraint(req)
+        if tool_constraint is not None:
+            if constraint is not None:
+                raise bad_request(f"{constraint[0]} cannot be combined with a tool_choice that forces a call",
+                                  constraint[0])
+            constraint = ("tool_choice", tool_constraint)
         if constraint is not None:
             fields["structured_outputs"] = constraint[1]
         try:
@@ -131,11 +144,12 @@ class OpenAIServing:
             param = str(e).split(" ", 1)[0]
             raise bad_request(str(e), param=constraint[0] if param == "structured_outputs" else param) from None
 
-    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.content or ""}
-                        for m in messages]
+    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                          tools: ToolRequest | None = None) -> list[int]:
+        template = getattr(self.tokenizer, "chat_template", None)
+        turns, template_tools = conversation(messages, tools, template, self.tool_format)
         try:
-            return await self.engine.apply_chat_template(conversation, add_generation_prompt)
+            return await self.engine.apply_chat_template(turns, add_generation_prompt, template_tools)
         except InvalidRequestError as e:
             raise bad_request(str(e), e.param) from None
 

@@ -20,7 +20,11 @@ from .protocol import (
     ChatLogprobs,
     ChatResponseMessage,
     ChatTokenLogprob,
+    ChatToolCall,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
     TopLogprob,
     UsageInfo,
 )
@@ -32,6 +36,8 @@ from .serving import (
     sse_response,
     stream_usage_flags,
 )
+from .tool_parsers import ToolCall, ToolCallStream, ToolParser
+from .tools import ToolRequest
 
 
 class ServingChat:
@@ -45,25 +51,36 @@ class ServingChat:
         s.check_model(req.model)
         _reject_unsupported(req)
         check_stream_options(req.stream, req.stream_options)
+        tools = ToolRequest.from_request(req)
+        tool_constraint = tools.constraint(s.tool_format.arguments_key) if tools else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = s.sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        prompt = await s.chat_prompt(req.messages)
+        params = s.sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                                   tool_constraint)
+        prompt = await s.chat_prompt(req.messages, tools=tools)
         request_id = raw.state.request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await s.start(request_id, [prompt], params, arrival, "messages", constraint_field(req))
+        field = "tool_choice" if tool_constraint else constraint_field(req)
+        streams = await s.start(request_id, [prompt], params, arrival, "messages", field)
+        parser = tools.parser(s.tool_format) if tools else None
         if req.stream:
-            return sse_response(self._chunks(req, request_id, streams), request_id, s.sse_ping_s, streams)
+            return sse_response(self._chunks(req, request_id, streams, tools, parser), request_id, s.sse_ping_s,
+                                streams)
         finals = await cancel_on_disconnect(raw, s.final_outputs(streams))
         if finals is None:
             return Response(status_code=499)  # the client left; nobody reads this
-        choices = [ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
-                              logprobs=self._logprobs(req, o.token_ids, o.logprobs),
-                              finish_reason=o.finish_reason, stop_reason=o.stop_reason)
-                   for o in finals[0].outputs]
+        choices = []
+        for o in finals[0].outputs:
+            content, calls = parser.parse(o.text) if parser else (o.text, [])
+            calls = tools.kept(calls) if tools else calls
+            message = ChatResponseMessage(content=content, tool_calls=[_call(c) for c in calls] or None)
+            choices.append(ChatChoice(index=o.index, message=message,
+                                      logprobs=self._logprobs(req, o.token_ids, o.logprobs),
+                                      finish_reason=_finish_reason(o.finish_reason, calls),
+                                      stop_reason=o.stop_reason))
         return ChatCompletionResponse(id=request_id, model=s.model_name, system_fingerprint=s.system_fingerprint,
                                       choices=choices, usage=s.usage(finals))
 
-    async def _chunks(self, req: ChatCompletionRequest, request_id: str,
-                      streams: list[RequestStream]) -> AsyncIterator[ChatCompletionChunk]:
+    async def _chunks(self, req: ChatCompletionRequest, request_id: str, streams: list[RequestStream],
+                      tools: ToolRequest | None, parser: ToolParser | None) -> AsyncIterator[ChatCompletionChunk]:
         s, created, usage = self.serving, int(time.time()), UsageInfo()
         include_usage, continuous = stream_usage_flags(req)
 
@@ -75,10 +92,24 @@ class ServingChat:
         for i in range(req.n):
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
                         usage.model_copy() if continuous else None)
+        # Each choice's text goes through its tool-call stream: content as it comes, calls at the end.
+        tool_streams = {i: ToolCallStream(parser) for i in range(req.n)} if parser else {}
         async for d in s.deltas(streams, req.n, req.logprobs, usage):
-            choice = ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text),
-                                     logprobs=self._logprobs(req, d.token_ids, d.logprobs),
-                                     finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+            content, calls = d.text, []
+            if parser:
+                content = tool_streams[d.index].feed(d.text)
+                if d.finish_reason:
+                    rest, calls = tool_streams[d.index].finish()
+                    content, calls = content + rest, tools.kept(calls)
+            logprobs = self._logprobs(req, d.token_ids, d.logprobs)
+            if not (content or calls or d.finish_reason or logprobs):
+                continue
+            delta = DeltaMessage(content=content if content or not calls else None, tool_calls=[
+                DeltaToolCall(index=i, id=c.id, type="function",
+                              function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
+                for i, c in enumerate(calls)] or None)
+            choice = ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs,
+                                     finish_reason=_finish_reason(d.finish_reason, calls), stop_reason=d.stop_reason)
             yield chunk([choice], usage.model_copy() if continuous else None)
         if include_usage:
             yield chunk([], usage)
@@ -93,13 +124,16 @@ class ServingChat:
             for lp in self.serving.token_logprobs(token_ids, entries, req.top_logprobs or 0)])
 
 
+def _call(call: ToolCall) -> ChatToolCall:
+    return ChatToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+
+
+def _finish_reason(reason: str | None, calls: list[ToolCall]) -> str | None:
+    """A reply that ended by itself with tool calls finished to call them."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
 def _reject_unsupported(req: ChatCompletionRequest) -> None:
     """Fields whose meaning we cannot honour yet: a clear 400 rather than a silently different answer."""
-    if req.tools:
-        raise bad_request("tools are not supported yet", "tools")
-    if req.tool_choice not in (None, "none"):
-        raise bad_request("tool_choice is not supported yet (only \"none\")", "tool_choice")
-    if req.functions or req.function_call is not None:
-        raise bad_request("functions and function_call are not supported", "functions")
     if req.top_logprobs and not req.logprobs:  # 0 asks for nothing: vLLM accepts it without logprobs
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
@@ -239,14 +240,17 @@ class EngineClient(ABC):
             return await self.encode(prompt, param=param)
         return list(prompt)
 
-    async def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """The conversation through the model's chat template, as token ids. Raises InvalidRequestError if
-        the model has no template or the template rejects the conversation."""
+    async def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True,
+                                  tools: list[dict] | None = None) -> list[int]:
+        """The conversation (and the tools offered, for a template that renders them) through the model's
+        chat template, as token ids. Raises InvalidRequestError if the model has no template or the
+        template rejects the conversation."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; use /v1/completions", "messages")
-        self.limits.check_prompt_text("".join(m.get("content") or "" for m in conversation), "messages")
+        text = "".join(m.get("content") or "" for m in conversation)
+        self.limits.check_prompt_text(text + (json.dumps(tools, ensure_ascii=False) if tools else ""), "messages")
         try:
-            return list(await self._in_pool(self.tokenizer.apply_chat_template, conversation,
+            return list(await self._in_pool(self.tokenizer.apply_chat_template, conversation, tools=tools,
                                             add_generation_prompt=add_generation_prompt, tokenize=True,
                                             return_dict=False))
         except Exception as e:  # the template itself rejects the conversation (jinja2 raise_exception)
