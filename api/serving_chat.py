@@ -57,28 +57,37 @@ class ServingChat:
             return Response(status_code=499)  # the client left; nobody reads this
         choices = [ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
                               logprobs=self._logprobs(req, o.token_ids, o.logprobs),
-                              finish_reason=o.finish_reason, stop_reason=o.stop_reason)
+                              finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                              token_ids=o.token_ids if req.return_token_ids else None)
                    for o in finals[0].outputs]
         return ChatCompletionResponse(id=request_id, model=s.model_name, system_fingerprint=s.system_fingerprint,
-                                      choices=choices, usage=s.usage(finals))
+                                      choices=choices, usage=s.usage(finals),
+                                      prompt_logprobs=(s.prompt_logprobs(finals[0].prompt_logprobs)
+                                                       if req.prompt_logprobs is not None else None),
+                                      prompt_token_ids=finals[0].prompt_token_ids if req.return_token_ids else None)
 
     async def _chunks(self, req: ChatCompletionRequest, request_id: str,
                       streams: list[RequestStream]) -> AsyncIterator[ChatCompletionChunk]:
         s, created, usage = self.serving, int(time.time()), UsageInfo()
         include_usage, continuous = stream_usage_flags(req)
 
-        def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None) -> ChatCompletionChunk:
+        def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None,
+                  prompt_token_ids: list[int] | None = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=request_id, created=created, model=s.model_name,
-                                       system_fingerprint=s.system_fingerprint, choices=choices, usage=usage)
+                                       system_fingerprint=s.system_fingerprint, choices=choices, usage=usage,
+                                       prompt_token_ids=prompt_token_ids)
 
-        # As OpenAI does: each choice opens with a chunk that carries only the role.
+        # As OpenAI does: each choice opens with a chunk that carries only the role (the first, as vLLM's, the
+        # prompt's token ids if asked for).
         for i in range(req.n):
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
-                        usage.model_copy() if continuous else None)
+                        usage.model_copy() if continuous else None,
+                        streams[0].prompt_token_ids if req.return_token_ids and i == 0 else None)
         async for d in s.deltas(streams, req.n, req.logprobs, usage):
             choice = ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text),
                                      logprobs=self._logprobs(req, d.token_ids, d.logprobs),
-                                     finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+                                     finish_reason=d.finish_reason, stop_reason=d.stop_reason,
+                                     token_ids=d.token_ids if req.return_token_ids else None)
             yield chunk([choice], usage.model_copy() if continuous else None)
         if include_usage:
             yield chunk([], usage)
