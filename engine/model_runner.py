@@ -149,6 +149,7 @@ class ModelRunner:
         logits_indices: list[int] = []
         sample_seqs: list[Sequence] = []
         prompt_rows: list[int] = []  # rows whose logits score the prompt token after them
+        prompt_targets: list[int] = []  # those prompt tokens
         prompt_spans: list[tuple[Sequence, int]] = []
         bs = self.block_size
         for seq, n in zip(sched.seqs, sched.num_tokens, strict=False):
@@ -164,6 +165,7 @@ class ModelRunner:
                 first, last = max(start, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)
                 if first < last:
                     prompt_rows += range(query_start_loc[-1] + first - start, query_start_loc[-1] + last - start)
+                    prompt_targets += seq.token_ids[first + 1:last + 1]
                     prompt_spans.append((seq, last - first))
             query_start_loc.append(query_start_loc[-1] + n)
             if end == seq.num_tokens:
@@ -193,12 +195,10 @@ class ModelRunner:
         hidden = self.model(ids, pos, self.kv_caches, meta)
         out = ModelRunnerOutput(sample_seqs=sample_seqs)
         if prompt_spans:
-            targets = [t for seq, k in prompt_spans
-                       for t in seq.token_ids[len(seq.prompt_logprobs):len(seq.prompt_logprobs) + k]]
             num_top = [seq.params.prompt_logprobs for seq, k in prompt_spans for _ in range(k)]
             rows = hidden[_host_tensor(prompt_rows, torch.long, pin).to(dev, non_blocking=True)]
             # In slices of max_num_seqs rows: the LM-head size the memory profile reserves.
-            entries = compute_prompt_logprobs(self.model.compute_logits, rows, targets, num_top,
+            entries = compute_prompt_logprobs(self.model.compute_logits, rows, prompt_targets, num_top,
                                               self.config.max_num_seqs)
             i = 0
             for seq, k in prompt_spans:
