@@ -97,6 +97,11 @@ class SamplingFields(OpenAIModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM's request extensions: per prompt token its logprob and the top-N (N in [0, 20], not with stream),
+    # the prompt cut to its last k tokens (-1: the model's context), and the token ids in the response.
+    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
+    return_token_ids: bool | None = None
 
 
 def _check_prompt(value: Any) -> Any:
@@ -251,12 +256,28 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob. prompt_logprobs holds per prompt token {token id: PromptLogprob} (the prompt token and
+    the top-N); the first token's is None."""
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+def _unset() -> Any:
+    """A vLLM extension's response field, left out of the JSON unless the request asked for it."""
+    return Field(None, exclude_if=lambda v: v is None)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM's: the stop string or token id that matched
+    token_ids: list[int] | None = _unset()  # return_token_ids; in a stream, each chunk's new ones
+    prompt_token_ids: list[int] | None = _unset()  # return_token_ids; in a stream, in a choice's first chunk
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = _unset()
 
 
 class CompletionResponse(BaseModel):
@@ -295,6 +316,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = _unset()
 
 
 class ChatCompletionResponse(BaseModel):
@@ -305,6 +327,8 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = _unset()
+    prompt_token_ids: list[int] | None = _unset()
 
 
 class DeltaFunctionCall(BaseModel):
@@ -334,6 +358,7 @@ class ChatChunkChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = _unset()
 
 
 class ChatCompletionChunk(BaseModel):
@@ -344,6 +369,7 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: str
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = _unset()  # return_token_ids: in the stream's first chunk
 
 
 class CompletionChunk(BaseModel):

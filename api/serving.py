@@ -30,12 +30,12 @@ from engine.engine_client import (
 )
 from engine.limits import InvalidRequestError
 from engine.llm_engine import PromptType
-from engine.outputs import RequestOutput
+from engine.outputs import PromptLogprobs, RequestOutput
 from engine.sampling_params import SamplingParams
 
 from .errors import APIError, bad_request
 from .metrics import ServerMetrics
-from .protocol import ChatMessage, ErrorInfo, ErrorResponse, SamplingFields, UsageInfo
+from .protocol import ChatMessage, ErrorInfo, ErrorResponse, PromptLogprob, SamplingFields, UsageInfo
 from .tool_parsers import TOOL_FORMATS, format_for_template
 from .tools import ToolRequest, conversation
 
@@ -45,7 +45,8 @@ logger = logging.getLogger("tokenmill.api")
 # Request fields that map one to one onto SamplingParams.
 _SAMPLING_FIELDS = ("n", "stop", "seed", "temperature", "top_p", "frequency_penalty", "presence_penalty",
                     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-                    "skip_special_tokens", "include_stop_str_in_output")
+                    "skip_special_tokens", "include_stop_str_in_output", "prompt_logprobs",
+                    "truncate_prompt_tokens")
 
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
@@ -88,6 +89,9 @@ class ChoiceDelta:
     logprobs: list[dict[int, float]] | None
     finish_reason: str | None
     stop_reason: int | str | None
+    # On a choice's first delta only: its prompt's token ids, and its prompt logprobs if they were asked for.
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass
@@ -124,6 +128,8 @@ class OpenAIServing:
     def sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
                         tool_constraint: dict | None = None) -> SamplingParams:
         """The request's SamplingParams; tool_constraint: the constraint that forces its tool calls."""
+        if req.stream and req.prompt_logprobs is not None:  # as vLLM: they would come only with the last chunk
+            raise bad_request("prompt_logprobs are not available when stream is true", "prompt_logprobs")
         fields = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
         if req.logit_bias:
             try:
@@ -238,10 +244,14 @@ class OpenAIServing:
         """Per-choice increments; choice index = prompt index * n + sample index. Keeps `usage` current."""
         held: dict[int, tuple[list[int], list[dict[int, float]]]] = {}  # tokens whose text is held back
         seen_prompts: set[int] = set()
+        started: set[int] = set()  # choices that had their first delta
+        prompt_logprobs: dict[int, PromptLogprobs] = {}  # per prompt, once the engine sent them
         async for prompt_index, out in self.outputs(streams):
             if prompt_index not in seen_prompts:
                 seen_prompts.add(prompt_index)
                 usage.prompt_tokens += len(out.prompt_token_ids)
+            if out.prompt_logprobs is not None:
+                prompt_logprobs[prompt_index] = out.prompt_logprobs
             for o in out.outputs:
                 index = prompt_index * n + o.index
                 usage.completion_tokens += len(o.token_ids)
@@ -253,8 +263,12 @@ class OpenAIServing:
                     held[index] = (tokens, entries)
                     continue
                 usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+                first = index not in started
+                started.add(index)
+                # The engine sends a request's prompt logprobs no later than any of its samples' first token.
                 yield ChoiceDelta(index, o.text, tokens, entries if o.logprobs is not None else None,
-                                  o.finish_reason, o.stop_reason)
+                                  o.finish_reason, o.stop_reason, out.prompt_token_ids if first else None,
+                                  prompt_logprobs.get(prompt_index) if first else None)
 
     # ---- shaping ---------------------------------------------------------------------------
 
@@ -266,6 +280,13 @@ class OpenAIServing:
             result.append(TokenLogprob(self.decode_token(token), entry[token],
                                        [(self.decode_token(t), lp) for t, lp in top]))
         return result
+
+    def prompt_logprobs(self, entries: PromptLogprobs) -> list[dict[int, PromptLogprob] | None]:
+        """The engine's prompt logprobs in vLLM's JSON shape, each token decoded."""
+        return [None if entry is None else
+                {t: PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=self.decode_token(t))
+                 for t, lp in entry.items()}
+                for entry in entries]
 
     def decode_token(self, token: int) -> str:
         return self.tokenizer.decode([token])

@@ -75,23 +75,31 @@ class ServingChat:
             choices.append(ChatChoice(index=o.index, message=message,
                                       logprobs=self._logprobs(req, o.token_ids, o.logprobs),
                                       finish_reason=_finish_reason(o.finish_reason, calls),
-                                      stop_reason=o.stop_reason))
+                                      stop_reason=o.stop_reason,
+                                      token_ids=o.token_ids if req.return_token_ids else None))
         return ChatCompletionResponse(id=request_id, model=s.model_name, system_fingerprint=s.system_fingerprint,
-                                      choices=choices, usage=s.usage(finals))
+                                      choices=choices, usage=s.usage(finals),
+                                      prompt_logprobs=(s.prompt_logprobs(finals[0].prompt_logprobs)
+                                                       if req.prompt_logprobs is not None else None),
+                                      prompt_token_ids=finals[0].prompt_token_ids if req.return_token_ids else None)
 
     async def _chunks(self, req: ChatCompletionRequest, request_id: str, streams: list[RequestStream],
                       tools: ToolRequest | None, parser: ToolParser | None) -> AsyncIterator[ChatCompletionChunk]:
         s, created, usage = self.serving, int(time.time()), UsageInfo()
         include_usage, continuous = stream_usage_flags(req)
 
-        def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None) -> ChatCompletionChunk:
+        def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None,
+                  prompt_token_ids: list[int] | None = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=request_id, created=created, model=s.model_name,
-                                       system_fingerprint=s.system_fingerprint, choices=choices, usage=usage)
+                                       system_fingerprint=s.system_fingerprint, choices=choices, usage=usage,
+                                       prompt_token_ids=prompt_token_ids)
 
-        # As OpenAI does: each choice opens with a chunk that carries only the role.
+        # As OpenAI does: each choice opens with a chunk that carries only the role (the first, as vLLM's, the
+        # prompt's token ids if asked for).
         for i in range(req.n):
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
-                        usage.model_copy() if continuous else None)
+                        usage.model_copy() if continuous else None,
+                        streams[0].prompt_token_ids if req.return_token_ids and i == 0 else None)
         # Each choice's text goes through its tool-call stream: content as it comes, calls at the end.
         tool_streams = {i: ToolCallStream(parser) for i in range(req.n)} if parser else {}
         async for d in s.deltas(streams, req.n, req.logprobs, usage):
@@ -102,14 +110,16 @@ class ServingChat:
                     rest, calls = tool_streams[d.index].finish()
                     content, calls = content + rest, tools.kept(calls)
             logprobs = self._logprobs(req, d.token_ids, d.logprobs)
-            if not (content or calls or d.finish_reason or logprobs):
+            token_ids = d.token_ids if req.return_token_ids else None
+            if not (content or calls or d.finish_reason or logprobs or token_ids):
                 continue
             delta = DeltaMessage(content=content if content or not calls else None, tool_calls=[
                 DeltaToolCall(index=i, id=c.id, type="function",
                               function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
                 for i, c in enumerate(calls)] or None)
             choice = ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs,
-                                     finish_reason=_finish_reason(d.finish_reason, calls), stop_reason=d.stop_reason)
+                                     finish_reason=_finish_reason(d.finish_reason, calls), stop_reason=d.stop_reason,
+                                     token_ids=token_ids)
             yield chunk([choice], usage.model_copy() if continuous else None)
         if include_usage:
             yield chunk([], usage)

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .config import EngineConfig, ModelConfig
-from .limits import InvalidRequestError, RequestLimits, check_prompt
+from .limits import InvalidRequestError, RequestLimits, check_prompt, truncate_prompt
 from .llm_engine import EngineStats, PromptType
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -169,7 +169,7 @@ class EngineClient(ABC):
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         arrival_time = arrival_time or time.time()
         self.limits.check_params(params)
-        ids = await self.prompt_token_ids(prompt, param)
+        ids = truncate_prompt(await self.prompt_token_ids(prompt, param), params, self.max_model_len)
         check_prompt(ids, params, self.model_config.vocab_size, self.max_model_len, param)
         capacity = self.config.max_num_seqs + self.limits.max_waiting_seqs
         if self._num_seqs + params.n > capacity:

@@ -62,6 +62,15 @@ class RequestLimits:
                                       f"{self.max_prompt_chars}", param)
 
 
+def truncate_prompt(ids: list[int], params: SamplingParams, max_model_len: int) -> list[int]:
+    """The prompt's last truncate_prompt_tokens tokens (-1: max_model_len), as vLLM truncates: from the left,
+    before the length checks."""
+    k = params.truncate_prompt_tokens
+    if k is None:
+        return ids
+    return ids[-(max_model_len if k == -1 else k):]
+
+
 def check_prompt(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
                  param: str = "prompt") -> None:
     """A tokenized prompt against the vocabulary and the context; params' ids against the vocabulary."""

@@ -21,7 +21,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .faults import FaultInjector
-from .limits import check_prompt
+from .limits import check_prompt, truncate_prompt
 from .loader import load_model_files
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -128,6 +128,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
         text, ids = self.tokenize(prompt)
+        ids = truncate_prompt(ids, params, self.max_model_len)
         if self.tokenizer is None and params.stop:
             raise ValueError("stop strings need a tokenizer, and this engine has none (skip_tokenizer_init); "
                              "use stop_token_ids")
@@ -189,12 +190,15 @@ class LLMEngine:
         for seq in sched.seqs:
             m = self.requests[seq.request_id].metrics
             m.first_scheduled_time = m.first_scheduled_time or now
-        logits, sample_seqs = self.runner.execute(sched)
+        out = self.runner.execute(sched)
         for seq, n in zip(sched.seqs, sched.num_tokens, strict=False):
             seq.num_computed_tokens += n
+        for seq, entries in out.prompt_logprobs:
+            seq.prompt_logprobs += entries
+        sample_seqs = out.sample_seqs
         if not sample_seqs:
             return []
-        samples = self._sample(logits, sample_seqs)
+        samples = self._sample(out.logits, sample_seqs)
         now = time.time()
         touched: dict[str, _Request] = {}
         for seq, sample in zip(sample_seqs, samples, strict=False):
@@ -332,8 +336,13 @@ class LLMEngine:
                 logprobs=s.logprobs[s.num_sent_tokens:] if s.logprobs is not None else None,
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason))
             s.num_sent_tokens, s.finish_sent = len(s.output_token_ids), s.is_finished
+        first = req.seqs[0]
+        prompt_logprobs = None
+        if first.prompt_logprobs is not None and len(first.prompt_logprobs) == first.num_prompt_tokens:
+            prompt_logprobs, first.prompt_logprobs = first.prompt_logprobs, None  # handed out once
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
-                             req.metrics, num_cached_tokens=req.seqs[0].num_cached_tokens, error=req.error)
+                             req.metrics, num_cached_tokens=first.num_cached_tokens, error=req.error,
+                             prompt_logprobs=prompt_logprobs)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

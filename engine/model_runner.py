@@ -1,12 +1,14 @@
 """The model and its KV cache on a device; turns a SchedulerOutput into packed tensors and logits.
 
 This is the one place where bookkeeping becomes tensors: input_ids, positions, slot_mapping,
-block_tables, seq_lens, query_start_loc, and the indices of the tokens whose logits are sampled.
+block_tables, seq_lens, query_start_loc, and the indices of the tokens whose logits are sampled (and, for
+requests that ask for prompt logprobs, of their prompt tokens).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +17,8 @@ from .cuda_graph import DecodeGraphs
 from .loader import init_dummy_weights
 from .models.layers import AttentionMetadata, kernel_ops
 from .models.llama import LlamaForCausalLM
+from .outputs import Logprob
+from .prompt_logprobs import compute_prompt_logprobs
 from .quantization import pack_linears
 from .request import Sequence
 from .scheduler import SchedulerOutput
@@ -22,6 +26,16 @@ from .scheduler import SchedulerOutput
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class ModelRunnerOutput:
+    """One step's results: float32 logits of the sequences that sample (those whose scheduled tokens reach
+    their last token), those sequences, and the prompt logprobs scored this step, per sequence."""
+
+    logits: torch.Tensor | None = None
+    sample_seqs: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[tuple[Sequence, list[dict[int, Logprob]]]] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -125,9 +139,8 @@ class ModelRunner:
         return peak
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor | None, list[Sequence]]:
-        """One forward pass. Returns float32 logits of the sequences that sample this step (those whose
-        scheduled tokens reach their last token), and those sequences."""
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """One forward pass; see ModelRunnerOutput."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -135,6 +148,9 @@ class ModelRunner:
         query_start_loc = [0]
         logits_indices: list[int] = []
         sample_seqs: list[Sequence] = []
+        prompt_rows: list[int] = []  # rows whose logits score the prompt token after them
+        prompt_targets: list[int] = []  # those prompt tokens
+        prompt_spans: list[tuple[Sequence, int]] = []
         bs = self.block_size
         for seq, n in zip(sched.seqs, sched.num_tokens, strict=False):
             start = seq.num_computed_tokens
@@ -144,6 +160,13 @@ class ModelRunner:
             blocks = seq.block_ids
             slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
             seq_lens.append(end)
+            if seq.prompt_logprobs is not None:
+                # Position p scores prompt token p + 1. Those scored before a preemption are not scored again.
+                first, last = max(start, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)
+                if first < last:
+                    prompt_rows += range(query_start_loc[-1] + first - start, query_start_loc[-1] + last - start)
+                    prompt_targets += seq.token_ids[first + 1:last + 1]
+                    prompt_spans.append((seq, last - first))
             query_start_loc.append(query_start_loc[-1] + n)
             if end == seq.num_tokens:
                 logits_indices.append(query_start_loc[-1] - 1)
@@ -159,9 +182,9 @@ class ModelRunner:
         tables, lens = _host_tensor(block_tables, torch.int32, pin), _host_tensor(seq_lens, torch.int32, pin)
         graphs = self.decode_graphs
         if graphs is not None and len(sample_seqs) == len(input_ids) <= graphs.max_batch_size:
-            # Every sequence runs one token and samples it: a decode step, replayed from a graph.
+            # Every sequence runs one token and samples it: a decode step (so no prompt row), replayed from a graph.
             hidden = graphs.run(ids, pos, slot_mapping, tables, lens)
-            return self.model.compute_logits(hidden).float(), sample_seqs
+            return ModelRunnerOutput(self.model.compute_logits(hidden).float(), sample_seqs)
         dev = self.device
         ids, pos, slot_mapping, tables, lens = (t.to(dev, non_blocking=True)
                                                 for t in (ids, pos, slot_mapping, tables, lens))
@@ -170,11 +193,22 @@ class ModelRunner:
         plan = self.ops.plan_attention(tables, lens, starts, bs)
         meta = AttentionMetadata(slot_mapping, tables, lens, starts, plan)
         hidden = self.model(ids, pos, self.kv_caches, meta)
-        if not sample_seqs:
-            return None, []
-        # Only the sampled positions need the LM head: a sixth of the work on prompt-heavy loads.
-        hidden = hidden[_host_tensor(logits_indices, torch.long, pin).to(dev, non_blocking=True)]
-        return self.model.compute_logits(hidden).float(), sample_seqs
+        out = ModelRunnerOutput(sample_seqs=sample_seqs)
+        if prompt_spans:
+            num_top = [seq.params.prompt_logprobs for seq, k in prompt_spans for _ in range(k)]
+            rows = hidden[_host_tensor(prompt_rows, torch.long, pin).to(dev, non_blocking=True)]
+            # In slices of max_num_seqs rows: the LM-head size the memory profile reserves.
+            entries = compute_prompt_logprobs(self.model.compute_logits, rows, prompt_targets, num_top,
+                                              self.config.max_num_seqs)
+            i = 0
+            for seq, k in prompt_spans:
+                out.prompt_logprobs.append((seq, entries[i:i + k]))
+                i += k
+        if sample_seqs:
+            # Only the sampled positions need the LM head: a sixth of the work on prompt-heavy loads.
+            hidden = hidden[_host_tensor(logits_indices, torch.long, pin).to(dev, non_blocking=True)]
+            out.logits = self.model.compute_logits(hidden).float()
+        return out
 
 
 def _host_tensor(values: list, dtype: torch.dtype, pin: bool) -> torch.Tensor:

@@ -9,6 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    """A prompt token's (or an alternative's) logprob and its rank in the vocabulary (1 = most likely)."""
+
+    logprob: float
+    rank: int
+
+
+# Per prompt token: {token_id: Logprob} holding the prompt token and the top-N; None for the first token.
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
 @dataclass
 class CompletionOutput:
     """One generated sequence of a request (or what it gained in one step)."""
@@ -59,6 +71,7 @@ class RequestOutput:
     metrics: RequestMetrics = field(repr=False, default=None)
     num_cached_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # in one delta only, once the whole prompt is computed
 
     def add(self, delta: RequestOutput) -> None:
         """Fold a later delta of the same request into this one (which then holds the whole result)."""
@@ -73,6 +86,7 @@ class RequestOutput:
         self.outputs = sorted(by_index.values(), key=lambda o: o.index)
         self.finished, self.error = delta.finished, delta.error or self.error
         self.metrics, self.num_cached_tokens = delta.metrics, delta.num_cached_tokens
+        self.prompt_logprobs = delta.prompt_logprobs or self.prompt_logprobs
 
     @classmethod
     def empty(cls, delta: RequestOutput) -> RequestOutput:

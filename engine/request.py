@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .outputs import PromptLogprobs
 from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -47,6 +48,10 @@ class Sequence:
         self.num_registered_blocks = 0  # leading blocks already in the prefix cache
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        # The request's prompt logprobs, kept by its first sample: one entry per prompt token scored so far
+        # (the first token's is None). None when not asked, and again once handed out in a delta.
+        self.prompt_logprobs: PromptLogprobs | None = (
+            [None] if params.prompt_logprobs is not None and index == 0 else None)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
@@ -62,6 +67,13 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Prompt logprobs need the logits of every prompt token, so a request that asks computes its whole
+        prompt, as vLLM does; every sample does, so that the first (which scores it) finishes its prompt
+        no later than the others and the logprobs come with the request's first delta."""
+        return self.params.prompt_logprobs is None or bool(self.output_token_ids)
 
     @property
     def is_finished(self) -> bool:

@@ -30,6 +30,10 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs alongside the chosen token
+    # Per prompt token after the first: its logprob given the tokens before it, and the top-N. A request
+    # that asks computes its whole prompt (no prefix-cache reads) and pays for an LM-head row per token.
+    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens; -1: max_model_len
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Output constrained to a JSON schema, regex, choice or grammar (a StructuredOutputsParams or its fields).
@@ -74,6 +78,13 @@ class SamplingParams:
               "min_tokens", "must be <= max_tokens")
         check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
               "logprobs", "must be an integer in [0, 20]")
+        check(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                               and 0 <= self.prompt_logprobs <= 20),
+              "prompt_logprobs", "must be an integer in [0, 20]")
+        check(self.truncate_prompt_tokens is None or (isinstance(self.truncate_prompt_tokens, int)
+                                                      and (self.truncate_prompt_tokens >= 1
+                                                           or self.truncate_prompt_tokens == -1)),
+              "truncate_prompt_tokens", "must be an integer >= 1, or -1 (the model's context)")
         # torch generators take 64-bit seeds; vLLM bounds seed to int64 too.
         check(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**63),
               "seed", "must be an integer in [-2**63, 2**63)")

@@ -76,7 +76,7 @@ class Scheduler:
         # every block registered for this step is computed by it (see BlockManager._register_full_blocks).
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            cached = self.block_manager.find_cached_prefix(seq)
+            cached = self.block_manager.find_cached_prefix(seq) if seq.reads_prefix_cache else []
             n = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
             if not self.block_manager.allocate(seq, n, cached):
                 break

@@ -20,3 +20,19 @@ def assert_matches_transformers(hf, prompt_ids: list[int], got, num_tokens: int,
             top = logp[i].topk(top_n)
             for t, lp in zip(top.indices.tolist(), top.values.tolist(), strict=True):
                 assert entry[t] == pytest.approx(lp, abs=1e-4)
+
+
+def assert_prompt_logprobs_match_transformers(hf, prompt_ids: list[int], got, top_n: int) -> None:
+    """got (RequestOutput.prompt_logprobs) holds, for every prompt token after the first, transformers'
+    logprob of it given the tokens before it (within 1e-4), its rank, and the top_n alternatives."""
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([prompt_ids])).logits[0].double(), -1)
+    assert len(got) == len(prompt_ids) and got[0] is None
+    for i, (tok, entry) in enumerate(zip(prompt_ids[1:], got[1:], strict=True)):
+        ref = logp[i]
+        assert entry[tok].logprob == pytest.approx(ref[tok].item(), abs=1e-4)
+        # Ties within the tolerance may fall either way.
+        assert (ref > ref[tok] + 1e-4).sum() + 1 <= entry[tok].rank <= (ref >= ref[tok] - 1e-4).sum()
+        alternatives = sorted((lp for t, lp in entry.items() if lp.rank <= top_n), key=lambda lp: lp.rank)
+        assert [lp.rank for lp in alternatives] == list(range(1, top_n + 1))
+        assert [lp.logprob for lp in alternatives] == pytest.approx(ref.topk(top_n).values.tolist(), abs=1e-4)
