@@ -93,7 +93,7 @@ def test_a_tool_result_goes_back_into_the_conversation(client, model_name):
     message = first.choices[0].message
     results = [{"role": "tool", "tool_call_id": c.id, "content": json.dumps({"temperature": 18, "unit": "celsius"})}
                for c in message.tool_calls]
-    history = [*ASK, message.model_dump(exclude_none=True), *results]
+    history = [*ASK, message, *results]  # the SDK's own message object, as agents append it
     second = _create(client, model_name, history, tools=[WEATHER], max_tokens=30)
     assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
     # The call and its result are in the prompt: it grew by at least their text.
