@@ -165,3 +165,22 @@ def test_a_template_that_knows_tools_gets_them_and_the_calls_as_objects():
     assert turns[4] == {"role": "tool", "content": "25 C", "tool_call_id": "c2"}
     none = _request(tools=[WEATHER], messages=HISTORY, tool_choice="none")
     assert conversation(none.messages, ToolRequest.from_request(none), "{{ tools }}", HermesParser())[1] is None
+
+
+# A Qwen2.5-like template: tools in the system turn, calls as <tool_call> JSON, results in a tool turn.
+NATIVE = ("{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+          "{% for m in messages %}<|im_start|>{{ m.role }}\n{% for c in m.tool_calls or [] %}<tool_call>\n"
+          "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}\n</tool_call>{% endfor %}"
+          "{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_knows_tools_renders_them_through_transformers():
+    from engine.loader import default_model_path, load_gguf_tokenizer
+
+    req = _request(tools=[WEATHER], messages=HISTORY)
+    turns, tools = conversation(req.messages, ToolRequest.from_request(req), NATIVE, format_for_template(NATIVE))
+    text = load_gguf_tokenizer(default_model_path()).apply_chat_template(
+        turns, tools=tools, chat_template=NATIVE, add_generation_prompt=True, tokenize=False)
+    assert '"name": "get_weather"' in text.split("<|im_end|>")[0]  # the tools, in the template's system turn
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>' in text
+    assert "<|im_start|>tool\n25 C<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
