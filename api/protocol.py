@@ -232,6 +232,7 @@ class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None  # with messages: offered as a chat request offers them
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

@@ -43,6 +43,7 @@ from .protocol import (
 from .serving import OpenAIServing
 from .serving_chat import ServingChat
 from .serving_completions import ServingCompletions
+from .tools import ToolRequest
 
 logger = logging.getLogger("tokenmill.api")
 
@@ -146,7 +147,8 @@ def build_app(engine: EngineClient, served_model_name: str | None = None, api_ke
         serving.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of prompt or messages")
-        tokens = (await serving.chat_prompt(req.messages, req.add_generation_prompt) if req.messages is not None
+        tools = ToolRequest(req.tools, "auto", parallel=True) if req.tools else None
+        tokens = (await serving.chat_prompt(req.messages, req.add_generation_prompt, tools) if req.messages is not None
                   else await engine.encode(req.prompt, add_special_tokens=req.add_special_tokens))
         return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=serving.max_model_len)
 

@@ -88,7 +88,7 @@ def test_tool_choice_none_answers_in_text(client, model_name):
     assert calls == [] and content and finish in ("stop", "length")
 
 
-def test_a_tool_result_goes_back_into_the_conversation(client, model_name):
+def test_a_tool_result_goes_back_into_the_conversation(client, model_name, http, engine):
     first = _create(client, model_name, ASK, tools=[WEATHER], tool_choice="required")
     message = first.choices[0].message
     results = [{"role": "tool", "tool_call_id": c.id, "content": json.dumps({"temperature": 18, "unit": "celsius"})}
@@ -96,9 +96,14 @@ def test_a_tool_result_goes_back_into_the_conversation(client, model_name):
     history = [*ASK, message, *results]  # the SDK's own message object, as agents append it
     second = _create(client, model_name, history, tools=[WEATHER], max_tokens=30)
     assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    # The call and its result are in the prompt: it grew by at least their text.
-    grown = second.usage.prompt_tokens - first.usage.prompt_tokens
-    assert grown >= first.usage.completion_tokens + 5
+    # /tokenize renders the same prompt: the tools, the call in the assistant's turn, and its result.
+    body = {"messages": [*ASK, message.model_dump(exclude_none=True), *results], "tools": [WEATHER]}
+    tokens = http.post("/tokenize", json=body).json()["tokens"]
+    assert len(tokens) == second.usage.prompt_tokens
+    text = engine.engine.get_tokenizer().decode(tokens)
+    assert '"name": "get_weather"' in text and '"temperature": 18' in text
+    call = json.dumps({"name": "get_weather", "arguments": json.loads(message.tool_calls[0].function.arguments)})
+    assert text.index(f"<tool_call>\n{call}\n</tool_call>") < text.index("<tool_response>")
 
 
 def test_a_custom_role_reaches_the_template(client, model_name):
