@@ -212,7 +212,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool | None = None  # None: true, as OpenAI
     # OpenAI's deprecated forms of tools and tool_choice: rejected when set.
     functions: list[dict] | None = None
     function_call: str | dict | None = None

@@ -55,7 +55,7 @@ class ToolRequest:
         names = [t.function.name for t in req.tools]
         if len(set(names)) < len(names):
             raise bad_request("tools: function names must be unique", "tools")
-        return cls(req.tools, choice or "auto", req.parallel_tool_calls)
+        return cls(req.tools, choice or "auto", req.parallel_tool_calls is not False)
 
     def constraint(self, arguments_key: str) -> dict | None:
         """The structured_outputs fields that force the calls, or None when the model chooses."""
