@@ -6,6 +6,11 @@ window prefix (prefix_offset..read_offset). Byte-level and byte-fallback tokeniz
 one character across tokens, so while the window's text ends in U+FFFD (an incomplete
 UTF-8 sequence) nothing is emitted and the window just grows. Stop strings are matched
 on the emitted text by engine.stop_strings.StopMatcher, which sees each character once.
+
+The streamed text is what the output adds to the decode of the whole sequence, with one exception: where a
+run of sentencepiece <0xNN> pieces holds bytes that form no character (random weights, or max_tokens
+cutting a character), transformers' decode turns the whole run into U+FFFD, characters released before
+included; a stream cannot take those back.
 """
 from __future__ import annotations
 
@@ -33,7 +38,15 @@ class IncrementalDetokenizer:
         ) if self.skip_special else frozenset()
         self._stops = StopMatcher(params.stop or [], params.include_stop_str_in_output)
 
-        ids = [i for i in prompt_token_ids if i not in self._special_ids][-PROMPT_CONTEXT_TOKENS:]
+        prompt = [i for i in prompt_token_ids if i not in self._special_ids]
+        ids = prompt[-PROMPT_CONTEXT_TOKENS:]
+        # Context starting inside a character decodes as U+FFFD (byte fallback: every byte of its run), and
+        # context that is all U+FFFD is dropped below, losing the output's leading space: start it on the
+        # character's first byte, at most 3 ids back.
+        for extra in range(1, 4):
+            if not self._decode(ids).startswith(REPLACEMENT_CHAR) or len(ids) == len(prompt):
+                break
+            ids = prompt[-PROMPT_CONTEXT_TOKENS - extra:]
         # A prompt cut mid-character would merge with the first output bytes and corrupt the
         # prefix/new split; decode the output on its own then.
         if self._decode(ids).endswith(REPLACEMENT_CHAR):

@@ -203,10 +203,32 @@ def _load_tokenizer_for_dummy(path: str):
 @functools.lru_cache(maxsize=4)
 def load_gguf_tokenizer(path: str):
     """Building a tokenizer from GGUF metadata takes seconds; one per file per process is enough."""
+    import gguf
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                         gguf_file=os.path.basename(path))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                              gguf_file=os.path.basename(path))
+    fields = gguf.GGUFReader(path).fields
+    if fields["tokenizer.ggml.model"].contents() == "llama":  # sentencepiece (Llama 2, TinyLlama, Mistral)
+        prefix = fields.get("tokenizer.ggml.add_space_prefix")
+        _split_as_sentencepiece(tokenizer, add_dummy_prefix=prefix is None or prefix.contents())
+    return tokenizer
+
+
+def _split_as_sentencepiece(tokenizer, add_dummy_prefix: bool) -> None:
+    """Encode as sentencepiece and llama.cpp do: "▁" before each run of text, after a special token too and
+    even where the text starts with a space. transformers' Metaspace adds it only before the first run, and
+    not before a space, which gives other ids for "<s>[INST] ..." and " text" than the model was trained on.
+    Decoding is unchanged, but without the dummy prefix no leading space is stripped either."""
+    from tokenizers import decoders, normalizers
+
+    backend = tokenizer.backend_tokenizer
+    spaces = normalizers.Replace(" ", "\u2581")
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), spaces]) if add_dummy_prefix else spaces
+    backend.pre_tokenizer = None
+    if not add_dummy_prefix:
+        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                             decoders.Fuse()])
 
 
 def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:

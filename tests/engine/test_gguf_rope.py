@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from gguf_files import write_llama_gguf
 from hf_oracle import assert_matches_transformers
 
 from engine import LLM, SamplingParams
@@ -66,9 +67,12 @@ def hf_llama(theta: float, rope_scaling: dict | None) -> "transformers.LlamaForC
     return model
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's converter interleaves Llama's q/k rows for its rope."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def add_byte_level_vocab(w: "gguf.GGUFWriter") -> None:
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(TOKENS)
+    w.add_token_types([gguf.TokenType.NORMAL] * VOCAB_SIZE)
+    w.add_token_merges(MERGES)
+    w.add_eos_token_id(0)
 
 
 @pytest.fixture
@@ -76,43 +80,7 @@ def write_gguf(tmp_path):
     """Writes a model's weights as an F32 llama GGUF, with a rope_freqs tensor and metadata as given."""
 
     def write(model, rope_freqs: np.ndarray | None = None, **metadata) -> str:
-        c = model.config
-        path = str(tmp_path / "model.gguf")
-        w = gguf.GGUFWriter(path, "llama")
-        w.add_block_count(c.num_hidden_layers)
-        w.add_context_length(c.max_position_embeddings)
-        w.add_embedding_length(c.hidden_size)
-        w.add_feed_forward_length(c.intermediate_size)
-        w.add_head_count(c.num_attention_heads)
-        w.add_head_count_kv(c.num_key_value_heads)
-        w.add_rope_dimension_count(c.head_dim)
-        w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-        w.add_layer_norm_rms_eps(c.rms_norm_eps)
-        w.add_vocab_size(c.vocab_size)
-        w.add_tokenizer_model("gpt2")
-        w.add_token_list(TOKENS)
-        w.add_token_types([gguf.TokenType.NORMAL] * VOCAB_SIZE)
-        w.add_token_merges(MERGES)
-        w.add_eos_token_id(0)
-        for key, value in metadata.items():
-            getattr(w, f"add_{key}")(value)
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
-        for name, t in model.state_dict().items():
-            if name == "lm_head.weight":  # tied
-                continue
-            t = t.numpy()
-            if name.endswith("q_proj.weight"):
-                t = _permute(t, c.num_attention_heads)
-            elif name.endswith("k_proj.weight"):
-                t = _permute(t, c.num_key_value_heads)
-            w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), np.ascontiguousarray(t))
-        if rope_freqs is not None:
-            w.add_tensor("rope_freqs.weight", rope_freqs)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        return path
+        return write_llama_gguf(str(tmp_path / "model.gguf"), model, add_byte_level_vocab, rope_freqs, **metadata)
 
     return write
 
