@@ -29,7 +29,7 @@ from .request import Sequence
 from .sampler import PenaltyState, Sampler, SamplerOutput, SamplingMetadata
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .structured_output import GrammarCompiler
+from .structured_output import GrammarCompiler, token_bitmask_op
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sampler = Sampler()
+        self.sampler = Sampler(token_bitmask_op(self.runner.device, self.runner.ops))
         self.eos_token_ids = set(mc.eos_token_id)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
