@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -133,9 +134,12 @@ class LLMEngine:
                              "use stop_token_ids")
         self.config.limits.check_params(params)
         check_prompt(ids, params, self.model_config.vocab_size, self.max_model_len)
-        grammar = params.structured_outputs
-        if grammar is not None:  # within its size limit (check_params); an invalid one fails here
-            self._grammar_compiler().compile(grammar)
+        grammar = None
+        if params.structured_outputs is not None:  # within its size limit (check_params)
+            # An invalid constraint, or one slower than the bound, fails here (the engine core awaited the
+            # compile off its loop already, so for it this is a cache hit).
+            grammar = self._grammar_compiler().compile(params.structured_outputs,
+                                                       self.config.limits.max_constraint_compile_s)
         if params.max_tokens is None:
             params = params.clone(max_tokens=self.max_model_len - len(ids))
         params.all_stop_token_ids = set() if params.ignore_eos else set(self.eos_token_ids)
@@ -158,6 +162,13 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
         self.num_prompt_tokens += len(ids)
+
+    def compile_grammar(self, params: SamplingParams) -> Future:
+        """Start compiling params' structured-output constraint off this thread; a future of the compiled
+        grammar (or of the ValueError that refuses it). add_request then finds it compiled: the engine core
+        keeps stepping other requests meanwhile."""
+        self.config.limits.check_params(params)
+        return self._grammar_compiler().compile_async(params.structured_outputs)
 
     def abort_request(self, request_id: str | list[str]) -> None:
         """Stop requests now and return their KV blocks; unknown or finished ids are ignored."""
