@@ -250,14 +250,16 @@ class LLMEngine:
     def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple]:
         if self.faults is not None:
             self.faults.on_sample([self.requests[s.request_id].fault_text for s in seqs])
-        params = [s.params for s in seqs]
-        states = None
-        if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
-            states = [self._penalty_state(s) for s in seqs]
+        # The grammar masks first: on a GPU the forward is still running, and what follows may wait for it
+        # (a copy from pageable host memory synchronizes), so the masks fill on the host meanwhile.
         bitmask = None
         rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if rows:
             bitmask = (self._grammar_compiler().bitmask(len(seqs), rows, [seqs[i].matcher for i in rows]), rows)
+        params = [s.params for s in seqs]
+        states = None
+        if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
+            states = [self._penalty_state(s) for s in seqs]
         meta = SamplingMetadata.build(
             params, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
             [s.generator for s in seqs], self.model_config.vocab_size, logits.device, states, bitmask)
