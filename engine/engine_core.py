@@ -62,7 +62,8 @@ Command = AddRequest | AbortRequests | Shutdown
 
 @dataclass
 class CoreOutputs:
-    """One round's results, in command order within each list."""
+    """One round's results, in command order within each list (an add that waited for its constraint to
+    compile is answered in the round its compile ended)."""
 
     stats: EngineStats
     added: list[tuple[str, str | None]] = field(default_factory=list)  # (request id, why refused or None)
@@ -150,10 +151,13 @@ class EngineCore:
             return []
 
     def _compile(self, command: AddRequest) -> bool:
-        """Start compiling the add's constraint; False if that failed at once (the add then refuses it)."""
+        """Start compiling the add's constraint; False if nothing is left to wait for (compiled already, or
+        refused at once): the add then goes ahead in command order."""
         try:
             future = self.engine.compile_grammar(command.params)
         except ValueError:
+            return False
+        if future.done():
             return False
         bound = self.engine.config.limits.max_constraint_compile_s
         self.compiling[command.request_id] = (command, future, time.monotonic() + bound)
