@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "characters of a structured-output constraint (schema, regex, choices, grammar)")]:
         serve.add_argument(flag, dest=field, type=int, default=getattr(limits, field),
                            help=f"most {what}; more is a 400 (default: %(default)s)")
+    serve.add_argument("--max-constraint-compile-s", dest="max_constraint_compile_s", type=float,
+                       default=limits.max_constraint_compile_s,
+                       help="seconds a structured-output constraint may take to compile; a request whose constraint "
+                            "takes longer is a 400 (default: %(default)s)")
     serve.add_argument("--sse-ping-interval", type=float, default=15.0,
                        help="seconds between keep-alive comments on an idle stream (default: %(default)s)")
     serve.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_FORMATS),
@@ -120,6 +124,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                                              max_logit_bias=args.max_logit_bias,
                                              max_prompt_chars=args.max_prompt_chars,
                                              max_constraint_chars=args.max_constraint_chars,
+                                             max_constraint_compile_s=args.max_constraint_compile_s,
                                              max_waiting_seqs=args.max_queue_len))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere in a checkout
 
-from engine import LLM, SamplingParams, sampler, structured_output  # noqa: E402
+from engine import LLM, SamplingParams, structured_output  # noqa: E402
 
 # A non-trivial schema: nested object, enum, bounded array, numbers and strings.
 SCHEMA = {
@@ -41,8 +41,8 @@ class MaskTimer:
         self.fill = self.apply = 0.0
         self.steps = 0
 
-    def install(self) -> None:
-        fill, apply = structured_output.GrammarCompiler.bitmask, sampler.apply_token_bitmask
+    def install(self, llm: LLM) -> None:
+        fill, apply = structured_output.GrammarCompiler.bitmask, llm.engine.sampler.apply_token_bitmask
 
         def timed_fill(compiler, *args):
             start = time.perf_counter()
@@ -60,7 +60,7 @@ class MaskTimer:
                 self.apply += time.perf_counter() - start
 
         structured_output.GrammarCompiler.bitmask = timed_fill
-        sampler.apply_token_bitmask = timed_apply
+        llm.engine.sampler.apply_token_bitmask = timed_apply
 
 
 def run(llm: LLM, prompts: list[str], params: list[SamplingParams]) -> tuple[float, int]:
@@ -85,7 +85,7 @@ def main() -> None:
     mixed = [constrained if i % 2 == 0 else free for i in range(args.num_requests)]
     run(llm, prompts[:2], [constrained, free])  # warm-up, and the schema compiled once (cached)
     timer = MaskTimer()
-    timer.install()
+    timer.install(llm)
     free_s, free_tokens = run(llm, prompts, [free] * args.num_requests)
     mixed_s, mixed_tokens = run(llm, prompts, mixed)
     free_rate, mixed_rate = free_tokens / free_s, mixed_tokens / mixed_s

@@ -18,8 +18,10 @@ import queue
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -28,6 +30,7 @@ from .config import EngineConfig, ModelConfig
 from .llm_engine import EngineStats, LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+from .structured_output import compile_timeout_error
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,8 @@ Command = AddRequest | AbortRequests | Shutdown
 
 @dataclass
 class CoreOutputs:
-    """One round's results, in command order within each list."""
+    """One round's results, in command order within each list (an add that waited for its constraint to
+    compile is answered in the round its compile ended)."""
 
     stats: EngineStats
     added: list[tuple[str, str | None]] = field(default_factory=list)  # (request id, why refused or None)
@@ -90,20 +94,30 @@ class CoreFailed:
         return cls(f"{type(error).__name__}: {error}", "".join(traceback.format_exception(error)))
 
 
+class _GrammarCompiled:
+    """Wakes an idle core when a constraint it waits for has compiled (put by the compile's callback)."""
+
+
 class EngineCore:
     """Runs rounds until a Shutdown command (see the module docstring). Anything that raises out of run()
-    is a fault of the engine itself; one request's failure is handled inside LLMEngine."""
+    is a fault of the engine itself; one request's failure is handled inside LLMEngine.
+
+    An add with a structured-output constraint waits, out of the engine, while its constraint compiles on the
+    compiler's threads; the round after it compiled adds it (or refuses it: invalid, or not compiled within
+    limits.max_constraint_compile_s). Other requests step on meanwhile."""
 
     def __init__(self, engine: LLMEngine, commands: queue.SimpleQueue, emit: Callable[[CoreOutputs], None]):
         self.engine = engine
         self.commands = commands
         self.emit = emit
+        # Adds whose constraint is compiling, by request id: (the command, its compile, its deadline).
+        self.compiling: dict[str, tuple[AddRequest, Future, float]] = {}
 
     def run(self) -> None:
         engine = self.engine
         while True:
-            # Idle, wait for a command; busy, take whatever came in during the last step.
-            commands = [] if engine.has_unfinished_requests() else [self.commands.get()]
+            # Idle, wait for a command (or a compile); busy, take whatever came in during the last step.
+            commands = [] if engine.has_unfinished_requests() else self._wait()
             while not self.commands.empty():
                 commands.append(self.commands.get_nowait())
             added: list[tuple[str, str | None]] = []
@@ -114,13 +128,54 @@ class EngineCore:
                 if isinstance(command, AbortRequests):
                     engine.abort_request(command.request_ids)
                     aborted += command.request_ids
-                else:
-                    added.append((command.request_id, self._add(command)))
+                    added += [(rid, f"request {rid} was aborted while its constraint compiled")
+                              for rid in command.request_ids if self.compiling.pop(rid, None)]
+                elif isinstance(command, AddRequest):
+                    if command.params.structured_outputs is None or not self._compile(command):
+                        added.append((command.request_id, self._add(command)))
+            added += self._compiled()
             outputs = engine.step() if engine.has_unfinished_requests() else []
             for delta in outputs:
                 delta.prompt_token_ids = []
             # Stats after the step, so a client that has seen a token sees it counted in the metrics too.
             self.emit(CoreOutputs(engine.stats(), added, aborted, outputs))
+
+    def _wait(self) -> list[Command]:
+        """Block for the next command; while constraints compile, no longer than the first one's deadline."""
+        if not self.compiling:
+            return [self.commands.get()]
+        deadline = min(d for _, _, d in self.compiling.values())
+        try:
+            return [self.commands.get(timeout=max(0.0, deadline - time.monotonic()))]
+        except queue.Empty:
+            return []
+
+    def _compile(self, command: AddRequest) -> bool:
+        """Start compiling the add's constraint; False if nothing is left to wait for (compiled already, or
+        refused at once): the add then goes ahead in command order."""
+        try:
+            future = self.engine.compile_grammar(command.params)
+        except ValueError:
+            return False
+        if future.done():
+            return False
+        bound = self.engine.config.limits.max_constraint_compile_s
+        self.compiling[command.request_id] = (command, future, time.monotonic() + bound)
+        future.add_done_callback(lambda _: self.commands.put(_GrammarCompiled()))
+        return True
+
+    def _compiled(self) -> list[tuple[str, str | None]]:
+        """Add the requests whose constraint compiled, refuse those past their deadline; (id, refusal)."""
+        now, added = time.monotonic(), []
+        for rid, (command, future, deadline) in list(self.compiling.items()):
+            if future.done():
+                added.append((rid, self._add(command)))  # compiled: add_request takes it from the cache
+            elif now >= deadline:
+                added.append((rid, str(compile_timeout_error(self.engine.config.limits.max_constraint_compile_s))))
+            else:
+                continue
+            del self.compiling[rid]
+        return added
 
     def _add(self, command: AddRequest) -> str | None:
         """Add the request; None, or why it was refused (its own problem: the client checked it already)."""

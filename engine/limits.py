@@ -33,11 +33,16 @@ class RequestLimits:
     max_prompt_chars: int = 1 << 20  # text given to the tokenizer (1 Mi characters)
     # A structured-output constraint's text (schema, regex, choices or grammar): compile time grows with it.
     max_constraint_chars: int = 64 << 10
+    # Seconds a constraint may take to compile (it compiles off the step loop); a request waiting longer fails.
+    max_constraint_compile_s: float = 10.0
     max_waiting_seqs: int = 512
 
     def __post_init__(self) -> None:
+        seconds = self.max_constraint_compile_s
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+            raise ValueError(f"limit max_constraint_compile_s must be a number of seconds > 0; got {seconds!r}")
         for name, value in vars(self).items():
-            if not isinstance(value, int) or value < 1:
+            if name != "max_constraint_compile_s" and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"limit {name} must be an integer >= 1; got {value!r}")
 
     def check_params(self, params: SamplingParams) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,7 @@ from .request import Sequence
 from .sampler import PenaltyState, Sampler, SamplerOutput, SamplingMetadata
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .structured_output import GrammarCompiler
+from .structured_output import GrammarCompiler, token_bitmask_op
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sampler = Sampler()
+        self.sampler = Sampler(token_bitmask_op(self.runner.device, self.runner.ops))
         self.eos_token_ids = set(mc.eos_token_id)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -134,9 +135,12 @@ class LLMEngine:
                              "use stop_token_ids")
         self.config.limits.check_params(params)
         check_prompt(ids, params, self.model_config.vocab_size, self.max_model_len)
-        grammar = params.structured_outputs
-        if grammar is not None:  # within its size limit (check_params); an invalid one fails here
-            self._grammar_compiler().compile(grammar)
+        grammar = None
+        if params.structured_outputs is not None:  # within its size limit (check_params)
+            # An invalid constraint, or one slower than the bound, fails here (the engine core awaited the
+            # compile off its loop already, so for it this is a cache hit).
+            grammar = self._grammar_compiler().compile(params.structured_outputs,
+                                                       self.config.limits.max_constraint_compile_s)
         if params.max_tokens is None:
             params = params.clone(max_tokens=self.max_model_len - len(ids))
         params.all_stop_token_ids = set() if params.ignore_eos else set(self.eos_token_ids)
@@ -159,6 +163,13 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
         self.num_prompt_tokens += len(ids)
+
+    def compile_grammar(self, params: SamplingParams) -> Future:
+        """Start compiling params' structured-output constraint off this thread; a future of the compiled
+        grammar (or of the ValueError that refuses it). add_request then finds it compiled: the engine core
+        keeps stepping other requests meanwhile."""
+        self.config.limits.check_params(params)
+        return self._grammar_compiler().compile_async(params.structured_outputs)
 
     def abort_request(self, request_id: str | list[str]) -> None:
         """Stop requests now and return their KV blocks; unknown or finished ids are ignored."""
@@ -243,14 +254,16 @@ class LLMEngine:
     def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple]:
         if self.faults is not None:
             self.faults.on_sample([self.requests[s.request_id].fault_text for s in seqs])
-        params = [s.params for s in seqs]
-        states = None
-        if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
-            states = [self._penalty_state(s) for s in seqs]
+        # The grammar masks first: on a GPU the forward is still running, and what follows may wait for it
+        # (a copy from pageable host memory synchronizes), so the masks fill on the host meanwhile.
         bitmask = None
         rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if rows:
             bitmask = (self._grammar_compiler().bitmask(len(seqs), rows, [seqs[i].matcher for i in rows]), rows)
+        params = [s.params for s in seqs]
+        states = None
+        if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
+            states = [self._penalty_state(s) for s in seqs]
         meta = SamplingMetadata.build(
             params, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
             [s.generator for s in seqs], self.model_config.vocab_size, logits.device, states, bitmask)

@@ -7,12 +7,13 @@ default), so they do not depend on the sampling settings.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from engine.sampling_params import SamplingParams
-from engine.structured_output import apply_token_bitmask
+from kernels import reference
 
 
 class PenaltyState:
@@ -207,6 +208,13 @@ def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor
 
 
 class Sampler:
+    """apply_token_bitmask(logits, bitmask, rows): how structured-output masks are applied, in place
+    (see structured_output.token_bitmask_op); the plain-PyTorch reference unless the engine picks a faster one."""
+
+    def __init__(self, apply_token_bitmask: Callable[[torch.Tensor, torch.Tensor, list[int]], None]
+                 = reference.apply_token_bitmask):
+        self.apply_token_bitmask = apply_token_bitmask
+
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         x = logits.to(torch.float32, copy=True)  # the caller's logits stay untouched
         log_norm = torch.logsumexp(x, dim=-1)
@@ -214,7 +222,8 @@ class Sampler:
         top = x.topk(n_top, dim=-1) if n_top else None  # raw, before any processing
 
         if meta.token_bitmask is not None:  # before any processing: the grammar's -inf wins over any bias
-            apply_token_bitmask(x, *meta.token_bitmask, meta.vocab_size)
+            bitmask, rows = meta.token_bitmask
+            self.apply_token_bitmask(x, bitmask.to(x.device, non_blocking=True), rows)
         process_logits(x, meta)
         if meta.all_greedy:
             token_ids = x.argmax(dim=-1)

@@ -1,7 +1,8 @@
 """Structured outputs: generation constrained to a JSON schema, a regex, a choice of strings or a grammar.
 
 A request's constraint (SamplingParams.structured_outputs, vLLM's names) is compiled once by xgrammar
-against the model's tokenizer, and cached by the constraint's canonical form. Each constrained sequence
+against the model's tokenizer, on worker threads so that the step loop goes on meanwhile, within a bound
+(RequestLimits.max_constraint_compile_s), and cached by the constraint's canonical form. Each constrained sequence
 keeps a matcher: before a step the matcher writes the bitmask of the tokens its grammar allows next, the
 sampler masks only the constrained rows of the batch, and the chosen token advances the matcher. The
 matcher's state follows the sequence's output tokens, which survive preemption (recompute), so it needs
@@ -9,10 +10,15 @@ no rebuilding. Free whitespace in JSON is bounded so that a small model cannot l
 """
 from __future__ import annotations
 
-import functools
 import json
+import queue
 import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -66,20 +72,54 @@ class StructuredOutputsParams:
 
 
 class GrammarCompiler:
-    """Compiles constraints for one tokenizer and vocab size; compiled grammars are cached by key."""
+    """Compiles constraints for one tokenizer and vocab size on a few worker threads (xgrammar releases the
+    GIL while it compiles), so a long compile never holds up the step loop. Compiles are cached by key, the
+    ones in progress too: equal constraints share one compile."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, cache_size: int = 256):
+    def __init__(self, tokenizer: Any, vocab_size: int, cache_size: int = 256, num_workers: int = 2):
         import xgrammar as xgr
 
         self._xgr = xgr
         self.vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
-        self._compile = functools.lru_cache(maxsize=cache_size)(self._compile_key)
+        self._cache: OrderedDict[str, Future] = OrderedDict()  # least recently used first
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[str, Future]] = queue.SimpleQueue()
+        # Daemon threads rather than a ThreadPoolExecutor, whose workers the interpreter joins at exit: a
+        # compile past its bound runs on (xgrammar cannot stop one) but must not keep the process alive.
+        for i in range(num_workers):
+            threading.Thread(target=self._work, name=f"tokenmill-grammar-{i}", daemon=True).start()
 
-    def compile(self, params: StructuredOutputsParams) -> Any:
-        """The compiled grammar; ValueError naming what is wrong with an invalid schema, regex or grammar."""
-        return self._compile(params.key())
+    def compile_async(self, params: StructuredOutputsParams) -> Future:
+        """A future of the compiled grammar, or of the ValueError naming what is wrong with the constraint."""
+        key = params.key()
+        with self._lock:
+            future = self._cache.get(key)
+            if future is None:
+                future = self._cache[key] = Future()
+                self._jobs.put((key, future))
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
+        return future
+
+    def compile(self, params: StructuredOutputsParams, timeout: float) -> Any:
+        """The compiled grammar, waiting at most `timeout` seconds; ValueError if it is invalid or takes longer."""
+        try:
+            return self.compile_async(params).result(timeout)
+        except TimeoutError:
+            raise compile_timeout_error(timeout) from None
+
+    def _work(self) -> None:
+        while True:
+            key, future = self._jobs.get()
+            try:
+                future.set_result(self._compile_key(key))
+            except Exception as e:
+                future.set_exception(e)
 
     def _compile_key(self, key: str) -> Any:
         spec = json.loads(key)
@@ -100,8 +140,9 @@ class GrammarCompiler:
             first = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", first)  # xgrammar's log prefix: time, source file
             raise ValueError(f"invalid structured_outputs.{kind}: {first}") from None
 
-    def matcher(self, params: StructuredOutputsParams) -> Any:
-        return self._xgr.GrammarMatcher(self.compile(params))
+    def matcher(self, compiled: Any) -> Any:
+        """A fresh matcher of a compiled grammar, for one sequence."""
+        return self._xgr.GrammarMatcher(compiled)
 
     def bitmask(self, batch: int, rows: list[int], matchers: list[Any]) -> torch.Tensor:
         """[batch, vocab / 32] int32 bits of the tokens allowed next: row rows[i] from matchers[i], the
@@ -112,12 +153,19 @@ class GrammarCompiler:
         return mask
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], vocab_size: int) -> None:
-    """Set to -inf, in place, the logits of `rows` (float32 [batch, vocab]) that their grammars forbid."""
-    import xgrammar as xgr
+def compile_timeout_error(seconds: float) -> ValueError:
+    return ValueError(f"structured_outputs: the constraint did not compile within {seconds:g} s (the server's "
+                      "max_constraint_compile_s); make it smaller or simpler")
 
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), vocab_size=vocab_size,
-                                    indices=rows)
+
+def token_bitmask_op(device: torch.device, ops: ModuleType) -> Callable[[torch.Tensor, torch.Tensor, list[int]], None]:
+    """How the sampler masks its constrained rows, in place: xgrammar's kernel on CUDA; on CPU the kernel ops'
+    apply_token_bitmask (tokenmill's C++ op, over ten times faster than xgrammar's CPU one; else the reference)."""
+    if device.type == "cuda":
+        import xgrammar as xgr
+
+        return lambda logits, bitmask, rows: xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+    return ops.apply_token_bitmask
 
 
 def _choice_grammar(choices: list[str]) -> str:

@@ -177,3 +177,14 @@ def rotary_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     """rotary_embedding on q and k (in place), then write_kv_cache of k and v: one call per layer."""
     rotary_embedding(positions, q, k, cos_cache, sin_cache)
     write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None = None) -> None:
+    """Structured outputs' mask, in place: bit j of word w of bitmask's int32 row [ceil(vocab / 32)] allows
+    token 32 * w + j, and a forbidden token's logit becomes -inf. On `rows` of logits [batch, vocab] and of
+    bitmask (all if None), over the first min(vocab, 32 * words) tokens, as xgrammar's apply_token_bitmask_inplace."""
+    rows = list(range(logits.shape[0])) if rows is None else rows
+    vocab = min(logits.shape[-1], 32 * bitmask.shape[-1])
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[rows, :, None] >> bits) & 1).flatten(1)[:, :vocab].bool().to(logits.device)
+    logits[rows, :vocab] = logits[rows, :vocab].masked_fill(~allowed, float("-inf"))

@@ -41,6 +41,11 @@ def _rotary_and_cache(positions, q, k, v, cos, sin, k_cache, v_cache, slot_mappi
     return None
 
 
+@torch.library.register_fake("tokenmill::apply_token_bitmask")
+def _apply_token_bitmask(logits, bitmask, indices):
+    return None
+
+
 @torch.library.register_fake("tokenmill::int4_linear")
 def _int4_linear(x, qweight, scales, zeros):
     return x.new_empty((x.shape[0], qweight.shape[0]))

@@ -16,6 +16,11 @@ rotary_and_cache = _ops.rotary_and_cache
 silu_and_mul = _ops.silu_and_mul
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None = None) -> None:
+    """Structured outputs' mask on `rows`, in place; same contract as kernels.reference."""
+    _ops.apply_token_bitmask(logits, bitmask, None if rows is None else torch.tensor(rows, dtype=torch.long))
+
+
 def plan_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                    block_size: int) -> None:
     """No per-step plan: the C++ kernel lays out its work from the tensors in microseconds."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +101,14 @@ def test_the_process_engine_gives_the_tokens_the_thread_engine_gives(mp_http, th
 
     assert texts(got) == texts(want) and got[-2]["usage"] == want[-2]["usage"] and got[-1] == "[DONE]"
 
+
+def test_constrained_requests_compile_in_the_process_engine_as_on_the_thread(mp_http, thread_http):
+    constrained = {"prompt": "Answer:", "temperature": 0, "max_tokens": 20, "guided_regex": r"[a-z]{3}-\d{2}"}
+    got, want = (h.post("/v1/completions", json=constrained).json() for h in (mp_http, thread_http))
+    assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    assert re.fullmatch(r"[a-z]{3}-\d{2}", got["choices"][0]["text"])
+    bad = mp_http.post("/v1/completions", json={**constrained, "guided_regex": "(("})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_regex"
 
 def test_a_client_that_hangs_up_frees_its_request_in_the_engine_process(mp_http, mp_engine):
     body = {"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True}

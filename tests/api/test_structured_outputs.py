@@ -1,10 +1,13 @@
 """Structured outputs through the official OpenAI SDK against a real server: the SDK's parse() with a
-pydantic model, json_schema streamed, json_object, vLLM's structured_outputs and guided_* fields, and
-constrained and free requests sharing steps."""
+pydantic model, json_schema streamed, json_object, vLLM's structured_outputs and guided_* fields,
+constrained and free requests sharing steps, and a constraint that does not compile in time."""
 import asyncio
+import dataclasses
 import json
 
 from pydantic import BaseModel
+
+from engine.limits import RequestLimits
 
 MESSAGES = [{"role": "user", "content": "Give me a person as JSON."}]
 
@@ -65,3 +68,14 @@ def test_constrained_and_free_requests_in_one_batch(async_client, model_name):
     assert together.choices[0].text == alone.choices[0].text
     for p in people:
         Person.model_validate_json(p.choices[0].text)
+
+
+def test_a_schema_slower_to_compile_than_the_bound_is_a_400_naming_its_field(http, engine, monkeypatch):
+    monkeypatch.setattr(engine.engine, "config", dataclasses.replace(
+        engine.engine.config, limits=RequestLimits(max_constraint_compile_s=1e-4)))
+    schema = {"type": "object", "properties": {f"bounded_{i}": {"type": "integer"} for i in range(30)}}
+    resp = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 5, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "slow", "schema": schema}}})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "response_format" and "did not compile within 0.0001 s" in error["message"]
