@@ -9,9 +9,10 @@ import re
 import sys
 from pathlib import Path
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, default_model_path
 from engine.limits import RequestLimits
 
+from .model_spec import ModelSpec, default_name, model_config, model_id
 from .tool_parsers import TOOL_FORMATS
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
@@ -32,8 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                                 description="Serve a model over an OpenAI-compatible HTTP API.")
-    serve.add_argument("model", nargs="?", default=None,
-                       help="HF model directory or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
+    serve.add_argument("model", nargs="*", default=[],
+                       help="models to serve, each PATH, NAME=PATH or NAME:VERSION=PATH (PATH: an HF model "
+                            "directory or a .gguf file; a bare PATH is named after its file or folder; the first "
+                            "version of a name is its default). Default: the packaged SmolLM2-135M-Instruct")
+    serve.add_argument("--config", default=None, metavar="FILE",
+                       help="a YAML or JSON file: {models: [{model: NAME[:VERSION], path: PATH, <engine settings: "
+                            "dtype, quantization, max_num_seqs, kv_cache_memory, ...>}]}, served after the MODELs")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -65,7 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch CPU threads of the engine (default: torch's, one per core)")
     serve.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default: %(default)s)")
     serve.add_argument("--served-model-name", default=None,
-                       help="the model name clients use and /v1/models lists (default: the model's own)")
+                       help="with one model: the name clients use and /v1/models lists (default: its file's)")
+    serve.add_argument("--admin-key", default=None,
+                       help="enable the management API under /admin/ (load, unload, set-default), with "
+                            "`Authorization: Bearer KEY`; without it there is no /admin/")
+    serve.add_argument("--memory-budget", type=parse_size, default=None,
+                       help="most memory all models may hold (weights and KV cache), e.g. 8GiB; a load past it "
+                            "is a 507, or with --model-dir unloads the least recently used idle model")
+    serve.add_argument("--model-dir", default=None,
+                       help="a folder of models (.gguf files, HF folders) loaded when first requested by name")
     limits = RequestLimits()
     serve.add_argument("--max-queue-len", type=int, default=limits.max_waiting_seqs,
                        help="most sequences (a request with n samples counts n) that may wait for a batch "
@@ -109,8 +123,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
+    """The models to serve: the MODEL arguments, then --config's; the packaged model if none is given."""
+    specs = [ModelSpec.parse(m) for m in args.model]
+    if args.config:
+        specs += _config_file_specs(args.config)
+    if not specs and not args.model_dir:
+        specs = [ModelSpec.parse(default_model_path())]
+    if args.served_model_name:
+        if len(specs) != 1:
+            raise ValueError("--served-model-name names one model; name several as NAME=PATH")
+        specs[0].name, specs[0].version = args.served_model_name, None
+    ids = [model_id(s.name, s.version) for s in specs]
+    if len(set(ids)) < len(ids):
+        raise ValueError(f"two models share a name: {', '.join(sorted({i for i in ids if ids.count(i) > 1}))}")
+    return specs
+
+
+def _config_file_specs(path: str) -> list[ModelSpec]:
+    import yaml  # JSON is YAML too
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"--config {path}: {e}") from None
+    entries = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "path" in e for e in entries):
+        raise ValueError(f"--config {path}: expected {{models: [{{model: NAME[:VERSION], path: PATH, ...}}]}}")
+    specs = []
+    for entry in entries:
+        settings = {k: parse_size(v) if k == "kv_cache_memory" and isinstance(v, str) else v
+                    for k, v in entry.items() if k not in ("model", "path")}
+        path_ = str(entry["path"])
+        specs.append(ModelSpec.named(str(entry.get("model") or default_name(path_)), path_, settings))
+    return specs
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
+    """The server-wide engine settings; each model's path (and its own settings) come on top."""
+    return EngineConfig(dtype=args.dtype, device=args.device, load_format=args.load_format,
                         max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         kv_cache_memory=args.kv_cache_memory,
@@ -151,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = engine_config(args)
-    except ValueError as e:
+        specs = model_specs(args)
+        for spec in specs:
+            model_config(config, spec.path, spec.settings)
+    except (TypeError, ValueError) as e:
         print(f"tokenmill serve: {e}", file=sys.stderr)
         return 2
     from engine.core_client import EngineStartupError
@@ -159,11 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     from .server import run_server  # the web stack loads only for `serve`
 
     try:
-        return run_server(config, args.host, args.port, args.served_model_name, args.api_key,
-                          args.sse_ping_interval, args.engine_in_process, args.tool_call_parser)
+        return run_server(config, args.host, args.port, specs, args.api_key, args.sse_ping_interval,
+                          args.engine_in_process, args.tool_call_parser, args.admin_key, args.memory_budget,
+                          args.model_dir)
     except EngineStartupError as e:
         print(f"tokenmill serve: the engine failed to start: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:
+        print(f"tokenmill serve: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

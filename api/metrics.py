@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -16,6 +17,9 @@ from prometheus_client.registry import Collector
 
 from engine.llm_engine import EngineStats
 from engine.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from .models import ModelRegistry
 
 logger = logging.getLogger("tokenmill.api")
 
@@ -25,52 +29,70 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
 
 
 class _EngineStatsCollector(Collector):
-    def __init__(self, get_stats: Callable[[], EngineStats], model_name: str):
-        self.get_stats = get_stats
-        self.model_name = model_name
+    """Every served model's engine stats, labelled with its name and version."""
+
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
 
     def collect(self) -> Iterator:
-        s, labels = self.get_stats(), [self.model_name]
+        models = [([m.name, m.version or ""], m.engine.stats) for m in list(self.registry.models.values())]
+        label_names = ["model_name", "version"]
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
-            g.add_metric(labels, value)
-            return g
+        def family(kind: type, name: str, doc: str, value: Callable[[EngineStats], float]):
+            f = kind(PREFIX + name, doc, labels=label_names)
+            for labels, stats in models:
+                f.add_metric(labels, value(stats))
+            return f
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
-            c.add_metric(labels, value)
-            return c
-
-        yield gauge("num_requests_running", "Sequences in the running batch.", s.num_running)
-        yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting)
-        yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", s.kv_cache_usage)
-        yield counter("prompt_tokens_total", "Prompt tokens received.", s.prompt_tokens)
-        yield counter("generation_tokens_total", "Tokens generated.", s.generation_tokens)
-        yield counter("num_preemptions_total", "Sequences preempted for lack of KV blocks.", s.num_preemptions)
-        yield counter("prefix_cache_queries_total", "Blocks looked up in the prefix cache.", s.prefix_cache_queries)
-        yield counter("prefix_cache_hits_total", "Blocks found in the prefix cache.", s.prefix_cache_hits)
+        yield family(GaugeMetricFamily, "num_requests_running", "Sequences in the running batch.",
+                     lambda s: s.num_running)
+        yield family(GaugeMetricFamily, "num_requests_waiting", "Sequences waiting to be scheduled.",
+                     lambda s: s.num_waiting)
+        yield family(GaugeMetricFamily, "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
+                     lambda s: s.kv_cache_usage)
+        yield family(CounterMetricFamily, "prompt_tokens_total", "Prompt tokens received.", lambda s: s.prompt_tokens)
+        yield family(CounterMetricFamily, "generation_tokens_total", "Tokens generated.",
+                     lambda s: s.generation_tokens)
+        yield family(CounterMetricFamily, "num_preemptions_total", "Sequences preempted for lack of KV blocks.",
+                     lambda s: s.num_preemptions)
+        yield family(CounterMetricFamily, "prefix_cache_queries_total", "Blocks looked up in the prefix cache.",
+                     lambda s: s.prefix_cache_queries)
+        yield family(CounterMetricFamily, "prefix_cache_hits_total", "Blocks found in the prefix cache.",
+                     lambda s: s.prefix_cache_hits)
         success = CounterMetricFamily(PREFIX + "request_success_total", "Finished sequences by reason.",
-                                      labels=["model_name", "finished_reason"])
-        for reason, count in sorted(s.finished_reasons.items()):
-            success.add_metric([self.model_name, reason], count)
+                                      labels=[*label_names, "finished_reason"])
+        for labels, stats in models:
+            for reason, count in sorted(stats.finished_reasons.items()):
+                success.add_metric([*labels, reason], count)
         yield success
 
 
 class ServerMetrics:
     """One CollectorRegistry per app, so two apps in one process (as in the tests) do not collide."""
 
-    def __init__(self, get_stats: Callable[[], EngineStats], model_name: str):
+    def __init__(self, models: ModelRegistry):
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineStatsCollector(get_stats, model_name))
+        self.registry.register(_EngineStatsCollector(models))
 
         def histogram(name: str, doc: str) -> Histogram:
-            return Histogram(PREFIX + name, doc, ["model_name"], registry=self.registry,
-                             buckets=_LATENCY_BUCKETS).labels(model_name)
+            return Histogram(PREFIX + name, doc, ["model_name", "version"], registry=self.registry,
+                             buckets=_LATENCY_BUCKETS)
 
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Time to first token.")
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between output tokens.")
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.")
+
+    def for_model(self, name: str, version: str | None) -> ModelMetrics:
+        return ModelMetrics(self, name, version or "")
+
+
+class ModelMetrics:
+    """One model's latency histograms."""
+
+    def __init__(self, metrics: ServerMetrics, name: str, version: str):
+        self.time_to_first_token = metrics.time_to_first_token.labels(name, version)
+        self.inter_token_latency = metrics.inter_token_latency.labels(name, version)
+        self.e2e_request_latency = metrics.e2e_request_latency.labels(name, version)
 
     def tracker(self, request_id: str) -> RequestTracker:
         return RequestTracker(self, request_id)
@@ -79,7 +101,7 @@ class ServerMetrics:
 class RequestTracker:
     """Follows one engine request's output deltas: latency histograms and the log line when it ends."""
 
-    def __init__(self, metrics: ServerMetrics, request_id: str):
+    def __init__(self, metrics: ModelMetrics, request_id: str):
         self.metrics = metrics
         self.request_id = request_id
         self.last: RequestOutput | None = None

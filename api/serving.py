@@ -34,7 +34,7 @@ from engine.outputs import PromptLogprobs, RequestOutput
 from engine.sampling_params import SamplingParams
 
 from .errors import APIError, bad_request
-from .metrics import ServerMetrics
+from .metrics import ModelMetrics
 from .protocol import ChatMessage, ErrorInfo, ErrorResponse, PromptLogprob, SamplingFields, UsageInfo
 from .tool_parsers import TOOL_FORMATS, format_for_template
 from .tools import ToolRequest, conversation
@@ -104,7 +104,7 @@ class TokenLogprob:
 class OpenAIServing:
     """Holds the engine, the served model's name and the metrics; runs requests for both endpoints."""
 
-    def __init__(self, engine: EngineClient, model_name: str, metrics: ServerMetrics, sse_ping_s: float = 15.0,
+    def __init__(self, engine: EngineClient, model_name: str, metrics: ModelMetrics, sse_ping_s: float = 15.0,
                  tool_call_parser: str | None = None):
         self.engine = engine
         self.model_name = model_name
@@ -119,11 +119,6 @@ class OpenAIServing:
         self.system_fingerprint = "fp_" + hashlib.sha256(f"tokenmill-{model_name}".encode()).hexdigest()[:10]
 
     # ---- request -> engine -----------------------------------------------------------------
-
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
-                           param="model", code="model_not_found")
 
     def sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
                         tool_constraint: dict | None = None) -> SamplingParams:

@@ -48,7 +48,6 @@ class ServingChat:
 
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response | ChatCompletionResponse:
         s, arrival = self.serving, time.time()
-        s.check_model(req.model)
         _reject_unsupported(req)
         check_stream_options(req.stream, req.stream_options)
         tools = ToolRequest.from_request(req)

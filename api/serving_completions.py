@@ -39,7 +39,6 @@ class ServingCompletions:
 
     async def create(self, req: CompletionRequest, raw: Request) -> Response | CompletionResponse:
         s, arrival = self.serving, time.time()
-        s.check_model(req.model)
         if req.suffix is not None:
             raise bad_request("suffix is not supported", "suffix")
         if req.best_of is not None and req.best_of != req.n:

@@ -206,6 +206,11 @@ class EngineClient(ABC):
                 stream._deliver(RequestFailedError(f"request {rid} was aborted"))
         self._submit_abort(ids)
 
+    @property
+    def num_requests(self) -> int:
+        """Requests added whose streams have not ended."""
+        return len(self._live)
+
     def _in_use(self, request_id: str) -> bool:
         """The id belongs to a request that has not ended (for the engine too, where a client knows more)."""
         return request_id in self._live

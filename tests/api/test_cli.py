@@ -42,7 +42,8 @@ def test_over_the_queue_limit_is_a_503(cli_server):
                for _ in range(2)]
     for t in threads:  # one runs, one waits: the queue is full
         t.start()
-    assert wait_until(lambda: "tokenmill:num_requests_waiting{model_name=\"tiny\"} 1.0" in client.get("/metrics").text)
+    waiting = 'tokenmill:num_requests_waiting{model_name="tiny",version=""} 1.0'
+    assert wait_until(lambda: waiting in client.get("/metrics").text)
     third = client.post("/v1/completions", json=body)
     assert third.status_code == 503 and third.json()["error"]["code"] == "overloaded"
     assert int(third.headers["retry-after"]) >= 1
@@ -63,7 +64,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(cli_server):
 
     worker = threading.Thread(target=stream)
     worker.start()
-    assert wait_until(lambda: "num_requests_running{model_name=\"tiny\"} 1.0" in client.get("/metrics").text)
+    assert wait_until(lambda: 'num_requests_running{model_name="tiny",version=""} 1.0' in client.get("/metrics").text)
     proc.send_signal(signal.SIGTERM)
     worker.join(120)
     assert proc.wait(60) == 0
