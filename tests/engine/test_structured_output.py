@@ -89,9 +89,9 @@ def test_structured_outputs_takes_exactly_one_valid_constraint(fields):
 
 
 def test_constrained_requests_preempted_mid_output_give_the_same_tokens(llm, monkeypatch):
-    # 12 blocks of 16 tokens cannot hold six sequences of ~60 tokens: the newest, constrained, are preempted
+    # 10 blocks of 16 tokens cannot hold six sequences of ~20-50 tokens: the newest, constrained, are preempted
     # (recomputed, their prompts often from the prefix cache) and their grammar state must follow.
-    small = LLM(dtype="float32", kv_cache_memory=12 * 2 * 30 * 16 * 3 * 64 * 4, max_num_seqs=8)
+    small = LLM(dtype="float32", kv_cache_memory=10 * 2 * 30 * 16 * 3 * 64 * 4, max_num_seqs=8)
     preempted = []
     preempt = small.engine.scheduler._preempt
     monkeypatch.setattr(small.engine.scheduler, "_preempt", lambda seq: (
