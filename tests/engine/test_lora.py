@@ -15,6 +15,7 @@ from engine import LLM, SamplingParams
 from engine.async_engine import AsyncLLMEngine
 from engine.block_manager import BlockManager
 from engine.core_client import MPEngineClient
+from engine.cuda_graph import DecodeGraphs
 from engine.limits import InvalidRequestError
 from engine.lora import SUPPORTED_MODULES
 from engine.models.layers import LoRAContext, LoRALinear
@@ -104,6 +105,28 @@ def test_mixed_batch_runs_each_adapter_as_its_merged_weights(tiny, cpu_kernels):
     for name in adapters:
         tuned = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_name=name)]
         assert tuned != base
+
+
+def test_decode_graphs_replay_base_model_steps_and_adapter_steps_run_eagerly(tiny):
+    """The graphs hold no adapter: a decode step with an adapter token must not replay them. (On CPU the
+    graphs run uncaptured, through the same static buffers.)"""
+    hf, path, adapters = tiny
+    llm = make_llm(path)
+    llm.add_lora("qv", str(adapters["qv"][0]))
+    runner = llm.engine.runner
+    graphs = DecodeGraphs(runner.model, runner.kv_caches, llm.config.max_num_seqs,
+                          llm.engine.max_model_len // llm.config.block_size, runner.device, capture=False)
+    replays = []
+    replay = graphs.run
+    graphs.run = lambda *args: replays.append(len(args[0])) or replay(*args)
+    runner.decode_graphs = graphs
+    mixed = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False, lora_name=["qv", None])
+    assert replays == []
+    base = llm.generate(PROMPTS[1:2], GREEDY, use_tqdm=False)[0]
+    assert len(replays) == GREEDY.max_tokens - 1
+    for prompt, oracle, out in [(PROMPTS[0], adapters["qv"][1], mixed[0]), (PROMPTS[1], hf, mixed[1]),
+                                (PROMPTS[1], hf, base)]:
+        assert_matches_transformers(oracle, prompt, out.outputs[0], GREEDY.max_tokens, top_n=3)
 
 
 def test_lora_adds_its_delta_on_top_of_a_quantized_linear():
