@@ -1,13 +1,14 @@
 """The KV block pool: free list, reference counts, and automatic prefix caching.
 
-A full block is named by a chained sha256 digest of (parent block's digest, its token ids), so equal
-prefixes map to equal digest chains. A digest only finds a candidate: a prefix hit also needs the cached
-block to hold the same tokens after the same parent block, so even a digest collision never shares KV
-between different prefixes. Blocks become findable when they are allocated for the step that fills
-them, so sequences admitted later in that step (the n samples of one request, equal prompts) share
-them. Blocks whose reference count drops to zero go to the back of the free queue but stay findable:
-a later request with the same prefix takes them back (a prefix hit) until they are evicted, front first
-(least recently freed), to serve new allocations.
+A full block is named by a chained sha256 digest of (parent block's digest, its token ids, and the id of
+the LoRA adapter that computes it, if any), so equal prefixes of the same adapter map to equal digest
+chains, and an adapter's blocks never serve the base model or another adapter. A digest only finds a
+candidate: a prefix hit also needs the cached block to hold the same tokens after the same parent block,
+so even a digest collision never shares KV between different prefixes. Blocks become findable when they
+are allocated for the step that fills them, so sequences admitted later in that step (the n samples of
+one request, equal prompts) share them. Blocks whose reference count drops to zero go to the back of the
+free queue but stay findable: a later request with the same prefix takes them back (a prefix hit) until
+they are evicted, front first (least recently freed), to serve new allocations.
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ def hash_block(parent: bytes | None, token_ids: tuple[int, ...],
     """The sha256 digest naming a full block: its parent block's digest (None for a sequence's first
     block), its token ids, and extra_keys.
 
-    extra_keys holds whatever besides the tokens decides the block's KV, such as a LoRA adapter's id, an
-    image's hash or a per-tenant cache salt; nothing does yet, so the engine passes (). Every part is
-    fixed-width or length-prefixed, so two different inputs never give the same bytes.
+    extra_keys holds whatever besides the tokens decides the block's KV: a LoRA adapter's id (see
+    _extra_keys), later maybe an image's hash or a per-tenant cache salt. Every part is fixed-width or
+    length-prefixed, so two different inputs never give the same bytes.
     """
     h = hashlib.sha256(_ROOT if parent is None else parent)
     h.update(struct.pack(f"<{len(token_ids) + 1}q", len(token_ids), *token_ids))
@@ -47,8 +48,9 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[bytes | None] = [None] * num_blocks
-        # What a cached block's KV was computed from: its parent block (or _NO_PARENT) and its own tokens.
-        self.block_key: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks
+        # What a cached block's KV was computed from: its parent block (or _NO_PARENT), its LoRA adapter's id
+        # (0: none) and its own tokens.
+        self.block_key: list[tuple[int, int, tuple[int, ...]] | None] = [None] * num_blocks
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[bytes, int] = {}  # block digest -> block id
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
@@ -67,9 +69,13 @@ class BlockManager:
     def _full_block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """Extend seq.block_hashes to cover its first num_blocks full blocks."""
         hashes = seq.block_hashes
+        extra_keys = (f"lora:{seq.lora_id}",) if seq.lora_id else ()  # the base model's digests stay as they were
         for i in range(len(hashes), num_blocks):
-            hashes.append(hash_block(hashes[i - 1] if i else None, self._block_tokens(seq, i)))
+            hashes.append(hash_block(hashes[i - 1] if i else None, self._block_tokens(seq, i), extra_keys))
         return hashes[:num_blocks]
+
+    def _block_key(self, seq: Sequence, i: int, parent: int) -> tuple[int, int, tuple[int, ...]]:
+        return parent, seq.lora_id, self._block_tokens(seq, i)
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids holding the longest cached prefix of seq, leaving at least one token to compute
@@ -80,8 +86,9 @@ class BlockManager:
         for i, h in enumerate(self._full_block_hashes(seq, (seq.num_tokens - 1) // self.block_size)):
             block_id = self.cached.get(h)
             parent = hits[-1] if hits else _NO_PARENT
-            # The digest only finds a candidate: its KV is ours only with our tokens after our parent.
-            if block_id is None or self.block_key[block_id] != (parent, self._block_tokens(seq, i)):
+            # The digest only finds a candidate: its KV is ours only with our tokens after our parent, under our
+            # adapter.
+            if block_id is None or self.block_key[block_id] != self._block_key(seq, i, parent):
                 break
             hits.append(block_id)
         return hits
@@ -140,7 +147,7 @@ class BlockManager:
                 self.cached[h] = block_id
                 self.block_hash[block_id] = h
                 parent = seq.block_ids[i - 1] if i else _NO_PARENT
-                self.block_key[block_id] = (parent, self._block_tokens(seq, i))
+                self.block_key[block_id] = self._block_key(seq, i, parent)
         seq.num_registered_blocks = num_full
 
     def _take_free_block(self) -> int:

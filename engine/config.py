@@ -104,6 +104,11 @@ class EngineConfig:
     # CPU ops in C++ (kernels/cpu) where they build; False: the PyTorch references. The default comes from
     # $TOKENMILL_CPU_KERNELS (0 turns them off), so a whole test run can exercise the fallback.
     cpu_kernels: bool = field(default_factory=lambda: os.environ.get("TOKENMILL_CPU_KERNELS", "1") != "0")
+    # LoRA adapters (engine/lora.py): off unless enabled, since every targeted linear then carries
+    # max_loras slots of max_lora_rank weights.
+    enable_lora: bool = False
+    max_loras: int = 4  # adapters resident at once
+    max_lora_rank: int = 16
     limits: RequestLimits = field(default_factory=RequestLimits)  # bounds on what a request may ask
     fault_injection: str | None = None  # tests only: see engine/faults.py
 
@@ -144,6 +149,10 @@ class EngineConfig:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(map(str, QUANTIZATIONS))}; "
                              f"got {self.quantization!r}")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1; got {self.max_loras}")
+        if not 1 <= self.max_lora_rank <= 512:
+            raise ValueError(f"max_lora_rank must be in [1, 512]; got {self.max_lora_rank}")
         FaultInjector.parse(self.fault_injection)  # raises ValueError naming the bad item
         if self.model and self.load_format != "dummy" and not os.path.exists(self.model):
             raise ValueError(f"model path {self.model!r} does not exist (tokenmill loads local "

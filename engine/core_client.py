@@ -1,7 +1,8 @@
 """The client half of an EngineCore (engine_core.py), and its process transport, MPEngineClient.
 
-CoreClient holds everything that does not depend on where the core runs: it sends AddRequest and
-AbortRequests, answers each add when the core's round names it, routes the round's deltas to their
+CoreClient holds everything that does not depend on where the core runs: it sends AddRequest,
+AbortRequests, AddLoRA and RemoveLoRA, answers each add (and each LoRA command) when the core's round
+names it, routes the round's deltas to their
 streams, keeps the latest stats snapshot, and dies loudly. A subclass supplies the transport: how a
 command reaches the core (_send), and a thread that hands each CoreOutputs to _on_outputs, or calls
 _die when the core is gone. MPEngineClient runs the core in a process of its own; AsyncLLMEngine
@@ -13,6 +14,7 @@ deltas reach its stream in the order the core applied its commands. _pending is 
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import multiprocessing
 import os
@@ -20,17 +22,20 @@ import signal
 import threading
 import time
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 from .config import EngineConfig, ModelConfig
 from .engine_client import EngineClient, EngineDeadError, EngineStoppedError, RequestStream
 from .engine_core import (
     AbortRequests,
+    AddLoRA,
     AddRequest,
     Command,
     CoreFailed,
     CoreOutputs,
     CoreReady,
+    RemoveLoRA,
     Shutdown,
     run_engine_core_process,
 )
@@ -55,6 +60,8 @@ class CoreClient(EngineClient):
         # Adds the core has not answered yet; then requests it holds, by id (receiving thread only).
         self._pending: dict[str, tuple[concurrent.futures.Future, RequestStream]] = {}
         self._routes: dict[str, RequestStream] = {}
+        self._lora_pending: dict[int, concurrent.futures.Future] = {}  # LoRA commands by op id, under _lock
+        self._op_ids = itertools.count()
 
     # ---- the transport ---------------------------------------------------------------------
 
@@ -107,14 +114,32 @@ class CoreClient(EngineClient):
         return super()._in_use(request_id) or request_id in self._pending or request_id in self._routes
 
     def _submit_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float, stream: RequestStream) -> concurrent.futures.Future:
+                    arrival_time: float, stream: RequestStream, lora_name: str | None) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self._stopping or self._dead is not None:  # nobody would answer: answer here
                 future.set_exception(self._dead or EngineStoppedError("the server is shutting down"))
                 return future
             self._pending[request_id] = (future, stream)
-        self._send(AddRequest(request_id, prompt_token_ids, params, arrival_time))
+        self._send(AddRequest(request_id, prompt_token_ids, params, arrival_time, lora_name))
+        return future
+
+    def _submit_add_lora(self, name: str, path: str) -> concurrent.futures.Future:
+        return self._submit_lora(lambda op_id: AddLoRA(op_id, name, path))
+
+    def _submit_remove_lora(self, name: str) -> concurrent.futures.Future:
+        return self._submit_lora(lambda op_id: RemoveLoRA(op_id, name))
+
+    def _submit_lora(self, command: Callable[[int], AddLoRA | RemoveLoRA]) -> concurrent.futures.Future:
+        """Send command(op id); the core's round that applies it answers the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._stopping or self._dead is not None:
+                future.set_exception(self._dead or EngineStoppedError("the server is shutting down"))
+                return future
+            op_id = next(self._op_ids)
+            self._lora_pending[op_id] = future
+        self._send(command(op_id))
         return future
 
     def _submit_abort(self, request_ids: list[str]) -> None:
@@ -138,6 +163,14 @@ class CoreClient(EngineClient):
                     future.set_result(None)
                 else:
                     future.set_exception(InvalidRequestError(refusal))
+        for op_id, info, refusal in out.lora_ops:
+            with self._lock:
+                future = self._lora_pending.pop(op_id, None)
+            if future is not None and future.set_running_or_notify_cancel():
+                if refusal is None:
+                    future.set_result(info)
+                else:
+                    future.set_exception(ValueError(refusal))
         for request_id in out.aborted:
             self._routes.pop(request_id, None)
         for delta in out.outputs:
@@ -167,6 +200,10 @@ class CoreClient(EngineClient):
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
+            lora_pending, self._lora_pending = self._lora_pending, {}
+        for future in lora_pending.values():
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
         for future, stream in pending.values():
             if future.set_running_or_notify_cancel():
                 future.set_exception(error)

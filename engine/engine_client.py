@@ -1,11 +1,11 @@
 """The engine-client interface: what the server (or any front end) may ask of an engine.
 
-Four things: add a request and get a stream of its output deltas, abort requests, ask whether the
-engine is dead, and read its stats. Everything a client controls is checked on the client's side
-(limits, prompt length, queue space) before the engine spends anything on it, and tokenization and
-chat templates run on the client's worker pool, never on the engine's step loop. CoreClient
-(core_client.py) implements it over an EngineCore: in a process of its own (MPEngineClient, the
-server's default) or on a thread of this one (AsyncLLMEngine); only the transport differs.
+Five things: add a request and get a stream of its output deltas, abort requests, load and unload LoRA
+adapters, ask whether the engine is dead, and read its stats. Everything a client controls is checked on
+the client's side (limits, prompt length, queue space) before the engine spends anything on it, and
+tokenization and chat templates run on the client's worker pool, never on the engine's step loop.
+CoreClient (core_client.py) implements it over an EngineCore: in a process of its own (MPEngineClient,
+the server's default) or on a thread of this one (AsyncLLMEngine); only the transport differs.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Any
 from .config import EngineConfig, ModelConfig
 from .limits import InvalidRequestError, RequestLimits, check_prompt, truncate_prompt
 from .llm_engine import EngineStats, PromptType
+from .lora import LoRAInfo
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -120,6 +121,7 @@ class EngineClient(ABC):
         self._live: dict[str, RequestStream] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenmill-tokenize")
         self._on_dead: list[Callable[[EngineDeadError], None]] = []
+        self._loras: dict[str, LoRAInfo] = {}  # the engine's adapters, as its answers to add_lora told
 
     # ---- what a front end calls ------------------------------------------------------------
 
@@ -148,8 +150,16 @@ class EngineClient(ABC):
 
     @abstractmethod
     def _submit_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float, stream: RequestStream) -> concurrent.futures.Future:
+                    arrival_time: float, stream: RequestStream, lora_name: str | None) -> concurrent.futures.Future:
         """Hand the request to the engine; the future resolves once the engine holds it."""
+
+    @abstractmethod
+    def _submit_add_lora(self, name: str, path: str) -> concurrent.futures.Future:
+        """Have the engine load an adapter; the future resolves to its LoRAInfo, or ValueError."""
+
+    @abstractmethod
+    def _submit_remove_lora(self, name: str) -> concurrent.futures.Future:
+        """Have the engine unload an adapter; the future resolves to None, or ValueError."""
 
     @abstractmethod
     def _submit_abort(self, request_ids: list[str]) -> None:
@@ -160,13 +170,18 @@ class EngineClient(ABC):
         self._on_dead.append(callback)
 
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                          arrival_time: float | None = None, param: str = "prompt") -> RequestStream:
-        """Check and queue a request. Raises InvalidRequestError (a ValueError) for a bad one, naming
-        `param` when the prompt is at fault; EngineOverloadedError over the queue bound;
+                          arrival_time: float | None = None, param: str = "prompt",
+                          lora_name: str | None = None) -> RequestStream:
+        """Check and queue a request, run with the loaded LoRA adapter lora_name (None: the base model).
+        Raises InvalidRequestError (a ValueError) for a bad one, naming `param` when the prompt is at fault
+        and "lora_name" for an adapter not loaded; EngineOverloadedError over the queue bound;
         EngineDeadError or EngineStoppedError when the engine is gone."""
         self._check_alive()
         if self._in_use(request_id):
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        if lora_name is not None and lora_name not in self._loras:
+            raise InvalidRequestError(f"unknown LoRA adapter {lora_name!r}; loaded: "
+                                      f"{', '.join(sorted(self._loras)) or 'none'}", "lora_name")
         arrival_time = arrival_time or time.time()
         self.limits.check_params(params)
         ids = truncate_prompt(await self.prompt_token_ids(prompt, param), params, self.max_model_len)
@@ -183,7 +198,7 @@ class EngineClient(ABC):
         stream = RequestStream(request_id, params.n, self, ids)
         self._num_seqs += params.n
         self._live[request_id] = stream
-        added = self._submit_add(request_id, ids, params, arrival_time, stream)
+        added = self._submit_add(request_id, ids, params, arrival_time, stream, lora_name)
         try:
             await asyncio.wrap_future(added)
         except BaseException:
@@ -192,11 +207,31 @@ class EngineClient(ABC):
         return stream
 
     async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: float | None = None, lora_name: str | None = None) -> AsyncIterator[RequestOutput]:
         """Add a request and yield its output deltas until it finishes."""
-        stream = await self.add_request(request_id, prompt, params, arrival_time)
+        stream = await self.add_request(request_id, prompt, params, arrival_time, lora_name=lora_name)
         async for out in stream:
             yield out
+
+    async def add_lora(self, name: str, path: str) -> int:
+        """Load the PEFT LoRA adapter folder at path (read by the engine, wherever it runs) under name, for
+        requests to name; returns its id. ValueError if the engine refuses it (LoRA off, name taken, no
+        free slot, not an adapter of this model: the message says which)."""
+        self._check_alive()
+        info = await asyncio.wrap_future(self._submit_add_lora(name, path))
+        self._loras[name] = info
+        return info.id
+
+    async def remove_lora(self, name: str) -> None:
+        """Unload an adapter. ValueError if it is not loaded, or while requests that run it are in flight:
+        stop sending it requests, wait for (or abort) those in flight, then remove it."""
+        self._check_alive()
+        await asyncio.wrap_future(self._submit_remove_lora(name))
+        self._loras.pop(name, None)
+
+    def list_loras(self) -> list[LoRAInfo]:
+        """The loaded adapters, oldest first."""
+        return sorted(self._loras.values(), key=lambda info: info.id)
 
     def abort(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)

@@ -1,10 +1,11 @@
 """EngineCore: LLMEngine's step loop, fed by a queue of commands, answering with one message per round.
 
-A round applies every command that came in (add, abort, shutdown), runs one step if any request is
-unfinished, and emits one CoreOutputs: the adds it took or refused, the aborts it applied, the step's
-output deltas and a stats snapshot. The same loop runs on a thread of the server (AsyncLLMEngine) or in
-a process of its own (run_engine_core_process, driven by MPEngineClient: the server's default), so a
-client sees the same messages in the same order either way; only the transport differs.
+A round applies every command that came in (add, abort, load or unload a LoRA adapter, shutdown), runs
+one step if any request is unfinished, and emits one CoreOutputs: the adds it took or refused, the
+aborts it applied, the adapters it loaded, unloaded or refused, the step's output deltas and a stats
+snapshot. The same loop runs on a thread of the server (AsyncLLMEngine) or in a process of its own
+(run_engine_core_process, driven by MPEngineClient: the server's default), so a client sees the same
+messages in the same order either way; only the transport differs.
 
 Deltas travel without their prompt's token ids (the client has them), so a message costs O(batch), not
 O(context).
@@ -28,6 +29,7 @@ from typing import Any
 
 from .config import EngineConfig, ModelConfig
 from .llm_engine import EngineStats, LLMEngine
+from .lora import LoRAInfo
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .structured_output import compile_timeout_error
@@ -43,6 +45,7 @@ class AddRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    lora_name: str | None = None
 
 
 @dataclass
@@ -51,11 +54,24 @@ class AbortRequests:
 
 
 @dataclass
+class AddLoRA:
+    op_id: int  # names the answer in CoreOutputs.lora_ops
+    name: str
+    path: str
+
+
+@dataclass
+class RemoveLoRA:
+    op_id: int
+    name: str
+
+
+@dataclass
 class Shutdown:
     """Stop after the commands before this one; requests still in flight are left to the client to fail."""
 
 
-Command = AddRequest | AbortRequests | Shutdown
+Command = AddRequest | AbortRequests | AddLoRA | RemoveLoRA | Shutdown
 
 
 # ---- core -> client --------------------------------------------------------------------------
@@ -69,6 +85,8 @@ class CoreOutputs:
     added: list[tuple[str, str | None]] = field(default_factory=list)  # (request id, why refused or None)
     aborted: list[str] = field(default_factory=list)
     outputs: list[RequestOutput] = field(default_factory=list)  # deltas, prompt_token_ids left empty
+    # (op id, the LoRAInfo an AddLoRA loaded or None for a RemoveLoRA, why it was refused or None)
+    lora_ops: list[tuple[int, LoRAInfo | None, str | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -122,6 +140,7 @@ class EngineCore:
                 commands.append(self.commands.get_nowait())
             added: list[tuple[str, str | None]] = []
             aborted: list[str] = []
+            lora_ops: list[tuple[int, LoRAInfo | None, str | None]] = []
             for command in commands:
                 if isinstance(command, Shutdown):
                     return
@@ -130,6 +149,8 @@ class EngineCore:
                     aborted += command.request_ids
                     added += [(rid, f"request {rid} was aborted while its constraint compiled")
                               for rid in command.request_ids if self.compiling.pop(rid, None)]
+                elif isinstance(command, (AddLoRA, RemoveLoRA)):
+                    lora_ops.append(self._lora_op(command))
                 elif isinstance(command, AddRequest):
                     if command.params.structured_outputs is None or not self._compile(command):
                         added.append((command.request_id, self._add(command)))
@@ -138,7 +159,7 @@ class EngineCore:
             for delta in outputs:
                 delta.prompt_token_ids = []
             # Stats after the step, so a client that has seen a token sees it counted in the metrics too.
-            self.emit(CoreOutputs(engine.stats(), added, aborted, outputs))
+            self.emit(CoreOutputs(engine.stats(), added, aborted, outputs, lora_ops))
 
     def _wait(self) -> list[Command]:
         """Block for the next command; while constraints compile, no longer than the first one's deadline."""
@@ -181,10 +202,22 @@ class EngineCore:
         """Add the request; None, or why it was refused (its own problem: the client checked it already)."""
         try:
             self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
-                                    command.arrival_time)
+                                    command.arrival_time, command.lora_name)
         except ValueError as e:
             return str(e)
         return None
+
+    def _lora_op(self, command: AddLoRA | RemoveLoRA) -> tuple[int, LoRAInfo | None, str | None]:
+        """Load or unload an adapter between steps; a bad adapter is refused (ValueError), not a fault."""
+        try:
+            if isinstance(command, RemoveLoRA):
+                self.engine.remove_lora(command.name)
+                return command.op_id, None, None
+            lora_id = self.engine.add_lora(command.name, command.path)
+        except ValueError as e:
+            return command.op_id, None, str(e)
+        info = next(i for i in self.engine.list_loras() if i.id == lora_id)
+        return command.op_id, info, None
 
 
 # ---- the engine process ----------------------------------------------------------------------

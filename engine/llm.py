@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from .config import EngineConfig
 from .llm_engine import LLMEngine, PromptType
+from .lora import LoRAInfo
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -34,11 +35,22 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.get_tokenizer()
 
+    def add_lora(self, name: str, path: str) -> int:
+        """Load a PEFT LoRA adapter folder (needs enable_lora=True); see LLMEngine.add_lora."""
+        return self.engine.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        self.engine.remove_lora(name)
+
+    def list_loras(self) -> list[LoRAInfo]:
+        return self.engine.list_loras()
+
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_name: str | Seq[str | None] | None = None) -> list[RequestOutput]:
         """Outputs in the order of the prompts. A prompt is a string, a list of token ids, or
-        {"prompt_token_ids": [...]}; one SamplingParams applies to all, or give one per prompt."""
+        {"prompt_token_ids": [...]}; one SamplingParams applies to all, or give one per prompt. lora_name
+        names a loaded LoRA adapter (add_lora) for all prompts, or one per prompt (None: the base model)."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -46,10 +58,14 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+        if lora_name is None or isinstance(lora_name, str):
+            lora_name = [lora_name] * len(prompts)
+        if len(lora_name) != len(prompts):
+            raise ValueError(f"got {len(lora_name)} lora_name for {len(prompts)} prompts")
         ids = [str(next(self._ids)) for _ in prompts]
         try:
-            for rid, prompt, params in zip(ids, prompts, sampling_params, strict=False):
-                self.engine.add_request(rid, prompt, params)
+            for rid, prompt, params, lora in zip(ids, prompts, sampling_params, lora_name, strict=True):
+                self.engine.add_request(rid, prompt, params, lora_name=lora)
         except Exception:
             self.engine.abort_request(ids)
             raise
@@ -57,14 +73,15 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             lora_name: str | Seq[str | None] | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.get_tokenizer()
         prompts = [{"prompt_token_ids": tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
                                                                 tokenize=True, return_dict=False)}
                    for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_name)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         final = {}  # request id -> its deltas folded into one output

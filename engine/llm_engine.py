@@ -24,6 +24,7 @@ from .detokenizer import IncrementalDetokenizer
 from .faults import FaultInjector
 from .limits import check_prompt, truncate_prompt
 from .loader import load_model_files
+from .lora import LoRAInfo, LoRASlots
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .request import Sequence
@@ -121,12 +122,14 @@ class LLMEngine:
         return None, list(prompt)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
-        """Queue a request. Raises ValueError (before taking any memory) if it cannot be served.
+                    arrival_time: float | None = None, lora_name: str | None = None) -> None:
+        """Queue a request; lora_name picks a loaded LoRA adapter (add_lora) to run it with, None the base
+        model. Raises ValueError (before taking any memory) if it cannot be served.
 
         A string prompt is tokenized here, in the caller's thread; the server hands token ids."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        lora_id = self._lora(lora_name).id if lora_name is not None else 0
         params = params or SamplingParams()
         text, ids = self.tokenize(prompt)
         ids = truncate_prompt(ids, params, self.max_model_len)
@@ -151,7 +154,8 @@ class LLMEngine:
             if params.seed is not None:  # each sample of a seeded request gets its own stream
                 generator = torch.Generator(self.runner.device).manual_seed(params.seed + i)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params) if self.tokenizer else None
-            seq = Sequence(f"{request_id}#{i}", request_id, i, ids, params, detok, generator, arrival_time or now)
+            seq = Sequence(f"{request_id}#{i}", request_id, i, ids, params, detok, generator, arrival_time or now,
+                           lora_id)
             if grammar is not None:
                 seq.matcher = self._grammar_compiler().matcher(grammar)
             seqs.append(seq)
@@ -170,6 +174,40 @@ class LLMEngine:
         keeps stepping other requests meanwhile."""
         self.config.limits.check_params(params)
         return self._grammar_compiler().compile_async(params.structured_outputs)
+
+    # ---- LoRA adapters -----------------------------------------------------------------------
+
+    def add_lora(self, name: str, path: str) -> int:
+        """Load the PEFT LoRA adapter folder at path under name, for requests to name; returns its id (never
+        reused). ValueError if LoRA is off, the name is taken, all max_loras slots are full, or the folder is
+        not an adapter of this model (the message says which)."""
+        return self._lora_slots().add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload an adapter. Refused (ValueError) while requests that run it are in flight: a front end
+        that unloads stops sending it requests, waits for (or aborts) those in flight, then removes it."""
+        lora_id = self._lora(name).id
+        in_flight = sum(1 for r in self.requests.values() if r.seqs[0].lora_id == lora_id)
+        if in_flight:
+            raise ValueError(f"LoRA adapter {name!r} serves {in_flight} request(s) in flight; remove it once "
+                             "they finish, or abort them first")
+        self.runner.loras.remove(name)
+
+    def list_loras(self) -> list[LoRAInfo]:
+        """The loaded adapters, oldest first (empty when LoRA is off)."""
+        loras = self.runner.loras
+        return sorted(loras.loras.values(), key=lambda info: info.id) if loras else []
+
+    def _lora_slots(self) -> LoRASlots:
+        if self.runner.loras is None:
+            raise ValueError("LoRA adapters are off; start the engine with enable_lora=True (--enable-lora)")
+        return self.runner.loras
+
+    def _lora(self, name: str) -> LoRAInfo:
+        loaded = self._lora_slots().loras
+        if name not in loaded:
+            raise ValueError(f"unknown LoRA adapter {name!r}; loaded: {', '.join(sorted(loaded)) or 'none'}")
+        return loaded[name]
 
     def abort_request(self, request_id: str | list[str]) -> None:
         """Stop requests now and return their KV blocks; unknown or finished ids are ignored."""

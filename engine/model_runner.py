@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.reference import LoRAPlan
+
 from .config import EngineConfig, ModelConfig
 from .cuda_graph import DecodeGraphs
 from .loader import init_dummy_weights
+from .lora import LoRASlots
 from .models.layers import AttentionMetadata, kernel_ops
 from .models.llama import LlamaForCausalLM
 from .outputs import Logprob
@@ -65,6 +68,10 @@ class ModelRunner:
                 self.model.load_weights(weights)
         with torch.no_grad():
             pack_linears(self.model, config, weights)
+        self.loras: LoRASlots | None = None  # LoRA on top of whatever pack_linears made of the linears
+        if config.enable_lora:
+            with torch.device(self.device), _default_dtype(self.dtype):
+                self.loras = LoRASlots(self.model, model_config, config, self.ops)
         self.model.eval()
         self.num_blocks = self._num_kv_blocks(max_model_len)
         c = model_config
@@ -76,6 +83,8 @@ class ModelRunner:
             # Every attention variant compiled now (or loaded from Triton's cache), not mid-serve.
             self.ops.launch_every_variant(c.num_attention_heads, self.kv_caches[0][0], self.kv_caches[0][1],
                                           c.head_dim ** -0.5)
+            if self.loras is not None:
+                self.loras.warm_up(self.device)
         self.decode_graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs,
@@ -180,8 +189,10 @@ class ModelRunner:
         ids, pos = _host_tensor(input_ids, torch.long, pin), _host_tensor(positions, torch.long, pin)
         slot_mapping = _host_tensor(slots, torch.int64, pin)
         tables, lens = _host_tensor(block_tables, torch.int32, pin), _host_tensor(seq_lens, torch.int32, pin)
+        lora_plan = self.loras.plan(sched.seqs, sched.num_tokens, self.device) if self.loras else None
         graphs = self.decode_graphs
-        if graphs is not None and len(sample_seqs) == len(input_ids) <= graphs.max_batch_size:
+        # The graphs were captured without adapters: a step that runs one goes eagerly.
+        if graphs is not None and lora_plan is None and len(sample_seqs) == len(input_ids) <= graphs.max_batch_size:
             # Every sequence runs one token and samples it: a decode step (so no prompt row), replayed from a graph.
             hidden = graphs.run(ids, pos, slot_mapping, tables, lens)
             return ModelRunnerOutput(self.model.compute_logits(hidden).float(), sample_seqs)
@@ -192,7 +203,7 @@ class ModelRunner:
         # Once per step, not per layer: whatever host-side layout the attention op wants.
         plan = self.ops.plan_attention(tables, lens, starts, bs)
         meta = AttentionMetadata(slot_mapping, tables, lens, starts, plan)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        hidden = self._forward(ids, pos, meta, lora_plan)
         out = ModelRunnerOutput(sample_seqs=sample_seqs)
         if prompt_spans:
             num_top = [seq.params.prompt_logprobs for seq, k in prompt_spans for _ in range(k)]
@@ -209,6 +220,16 @@ class ModelRunner:
             hidden = hidden[_host_tensor(logits_indices, torch.long, pin).to(dev, non_blocking=True)]
             out.logits = self.model.compute_logits(hidden).float()
         return out
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata,
+                 lora_plan: LoRAPlan | None) -> torch.Tensor:
+        if self.loras is None:
+            return self.model(ids, pos, self.kv_caches, meta)
+        self.loras.context.plan = lora_plan
+        try:
+            return self.model(ids, pos, self.kv_caches, meta)
+        finally:
+            self.loras.context.plan = None  # the graphs' replays and the memory profile run no adapter
 
 
 def _host_tensor(values: list, dtype: torch.dtype, pin: bool) -> torch.Tensor:

@@ -29,7 +29,7 @@ class Sequence:
 
     def __init__(self, seq_id: str, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, detokenizer: IncrementalDetokenizer | None,
-                 generator: torch.Generator | None, arrival_time: float):
+                 generator: torch.Generator | None, arrival_time: float, lora_id: int = 0):
         self.seq_id = seq_id
         self.request_id = request_id
         self.index = index
@@ -40,6 +40,7 @@ class Sequence:
         self.detokenizer = detokenizer
         self.generator = generator
         self.arrival_time = arrival_time
+        self.lora_id = lora_id  # the LoRA adapter it runs (engine/lora.py); 0: the base model
         self.status = Status.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first schedule

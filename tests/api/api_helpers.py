@@ -147,7 +147,7 @@ class ScriptedEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
-    def add_request(self, request_id, prompt, params, arrival_time=None):
+    def add_request(self, request_id, prompt, params, arrival_time=None, lora_name=None):
         self.added.append(request_id)
         self.requests[request_id] = [params.max_tokens, 0]
 
