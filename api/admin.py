@@ -3,11 +3,12 @@ name's default version (as Triton's repository API and TorchServe's management A
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import PlainTextResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from .auth import bearer_key_check
-from .errors import bad_request
+from .errors import APIError, bad_request
 from .model_spec import MODEL_SETTINGS, ModelSpec
 from .models import ModelRegistry, ServedModel
 from .protocol import ERROR_RESPONSES
@@ -39,6 +40,19 @@ class SetDefault(BaseModel):
     version: str | None  # null: the version-less model of that name
 
 
+class LoadLoRAAdapter(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body (base_model_name: ours, the model whose engine runs it)."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+    base_model_name: str | None = None
+
+
+class UnloadLoRAAdapter(BaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's; the name is enough here
+
+
 class AdminModel(BaseModel):
     id: str
     name: str
@@ -51,6 +65,7 @@ class AdminModel(BaseModel):
     requests_in_flight: int
     engine_pid: int | None
     on_demand: bool  # loaded from --model-dir when first asked for
+    base_model: str | None  # a LoRA adapter's base model
 
 
 class AdminModelList(BaseModel):
@@ -63,22 +78,38 @@ assert set(LoadModel.model_fields) == {"model", "path", *MODEL_SETTINGS}
 def _entry(models: ModelRegistry, m: ServedModel) -> AdminModel:
     return AdminModel(id=m.id, name=m.name, version=m.version, path=m.path, state=m.state,
                       default=models.is_default(m), memory_bytes=m.memory_bytes, budget_bytes=m.budget_bytes,
-                      requests_in_flight=m.in_flight, engine_pid=m.engine_pid, on_demand=m.on_demand)
+                      requests_in_flight=m.in_flight, engine_pid=m.engine_pid, on_demand=m.on_demand,
+                      base_model=m.base.id if m.base else None)
 
 
 def admin_router(models: ModelRegistry, admin_key: str, route_class: type[APIRoute] = APIRoute) -> APIRouter:
-    router = APIRouter(prefix="/admin", dependencies=[Depends(bearer_key_check(admin_key, "admin key"))],
+    """/admin/models..., and vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, all behind the admin key."""
+    router = APIRouter(dependencies=[Depends(bearer_key_check(admin_key, "admin key"))],
                        route_class=route_class, responses=ERROR_RESPONSES, tags=["admin"])
 
-    @router.get("/models")
+    @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    async def load_lora_adapter(req: LoadLoRAAdapter) -> str:
+        await models.add_lora(req.lora_name, req.lora_path, req.base_model_name)
+        return f"Success: LoRA adapter '{req.lora_name}' added successfully."
+
+    @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    async def unload_lora_adapter(req: UnloadLoRAAdapter) -> str:
+        served = models.models.get(req.lora_name)
+        if served is None or served.base is None:
+            raise APIError(404, f"no LoRA adapter {req.lora_name} is served", param="lora_name",
+                           code="model_not_found")
+        models.unload(req.lora_name)
+        return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
+
+    @router.get("/admin/models")
     async def list_models() -> AdminModelList:
         loading = [AdminModel(id=mid, name=mid.partition(":")[0], version=mid.partition(":")[2] or None, path="",
                               state="loading", default=False, memory_bytes=0, budget_bytes=0,
-                              requests_in_flight=0, engine_pid=None, on_demand=False)
+                              requests_in_flight=0, engine_pid=None, on_demand=False, base_model=None)
                    for mid in sorted(models.loading)]
         return AdminModelList(data=[_entry(models, m) for m in models.models.values()] + loading)
 
-    @router.post("/models", responses={409: {"description": "The model exists"},
+    @router.post("/admin/models", responses={409: {"description": "The model exists"},
                                        507: {"description": "It does not fit the memory budget"}})
     async def load_model(req: LoadModel) -> AdminModel:
         settings = req.model_dump(exclude_none=True, exclude={"model", "path"})
@@ -88,11 +119,11 @@ def admin_router(models: ModelRegistry, admin_key: str, route_class: type[APIRou
             raise bad_request(str(e), "model") from None
         return _entry(models, await models.load(spec))
 
-    @router.delete("/models/{model:path}", responses={409: {"description": "The default of a name with others"}})
+    @router.delete("/admin/models/{model:path}", responses={409: {"description": "The default of a name with others"}})
     async def unload_model(model: str) -> AdminModel:
         return _entry(models, models.unload(model))
 
-    @router.put("/models/{name}/default")
+    @router.put("/admin/models/{name}/default")
     async def set_default(name: str, req: SetDefault) -> AdminModelList:
         models.set_default(name, req.version)
         return AdminModelList(data=[_entry(models, m) for m in models.models.values() if m.name == name])

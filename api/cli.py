@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--memory-budget", type=parse_size, default=None,
                        help="most memory all models may hold (weights and KV cache), e.g. 8GiB; a load past it "
                             "is a 507, or with --model-dir unloads the least recently used idle model")
+    serve.add_argument("--enable-lora", action="store_true", help="let the engines run LoRA adapters")
+    serve.add_argument("--max-loras", type=int, default=4,
+                       help="LoRA adapters resident per engine (default: %(default)s)")
+    serve.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank (default: %(default)s)")
+    serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                       help="PEFT LoRA adapters served as models of their own on the first model (implies "
+                            "--enable-lora); more load through POST /v1/load_lora_adapter with --admin-key")
     serve.add_argument("--model-dir", default=None,
                        help="a folder of models (.gguf files, HF folders) loaded when first requested by name")
     limits = RequestLimits()
@@ -169,7 +176,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
                         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
                         seed=args.seed, num_threads=args.num_threads, fault_injection=args.fault_injection,
-                        quantization=args.quantization,
+                        quantization=args.quantization, enable_lora=args.enable_lora or bool(args.lora_modules),
+                        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                         limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts, max_stop=args.max_stop,
                                              max_stop_len=args.max_stop_len,
                                              max_stop_token_ids=args.max_stop_token_ids,
@@ -206,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         specs = model_specs(args)
         for spec in specs:
             model_config(config, spec.path, spec.settings)
+        loras = [tuple(m.split("=", 1)) for m in args.lora_modules]
+        if any(len(m) != 2 or not all(m) for m in loras):
+            raise ValueError("--lora-modules: give NAME=PATH")
     except (TypeError, ValueError) as e:
         print(f"tokenmill serve: {e}", file=sys.stderr)
         return 2
@@ -216,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_server(config, args.host, args.port, specs, args.api_key, args.sse_ping_interval,
                           args.engine_in_process, args.tool_call_parser, args.admin_key, args.memory_budget,
-                          args.model_dir)
+                          args.model_dir, loras)
     except EngineStartupError as e:
         print(f"tokenmill serve: the engine failed to start: {e}", file=sys.stderr)
         return 1

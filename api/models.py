@@ -75,6 +75,7 @@ class ServedModel:
     owns_engine: bool
     budget_bytes: int  # what it counts against --memory-budget: the estimate of its weights and KV cache
     on_demand: bool = False  # loaded from --model-dir as it was asked for; unloaded when idle and room is short
+    base: ServedModel | None = None  # for a LoRA adapter: the model whose engine runs it
     state: str = "serving"  # serving | draining | failed
     pending: int = 0  # requests routed here that have not reached the engine yet
     created: int = field(default_factory=lambda: int(time.time()))
@@ -86,13 +87,13 @@ class ServedModel:
 
     @property
     def in_flight(self) -> int:
-        return self.pending + self.engine.num_requests
+        return self.pending + self.serving.num_in_flight
 
     @property
     def engine_pid(self) -> int | None:
         """The engine's own process, if it has one."""
         process = getattr(self.engine, "process", None)
-        return process.pid if process is not None else None
+        return process.pid if process is not None and self.base is None else None
 
     @property
     def memory_bytes(self) -> int:
@@ -118,6 +119,7 @@ class ModelRegistry:
         self.first: str | None = None  # the name a request without `model` goes to
         self.metrics = ServerMetrics(self)
         self.on_all_failed: Callable[[Exception], None] | None = None
+        self.startup_loras: list[tuple[str, str]] = []  # --lora-modules: (name, path), loaded as the app starts
         self.loading: set[str] = set()
         self._changes = asyncio.Lock()
         # Engine processes die with the thread that made them (PR_SET_PDEATHSIG): one that lives as long
@@ -166,21 +168,37 @@ class ModelRegistry:
     # ---- adding and removing ---------------------------------------------------------------
 
     def add(self, engine: EngineClient, name: str, version: str | None = None, path: str = "",
-            owns_engine: bool = True, budget_bytes: int = 0, on_demand: bool = False) -> ServedModel:
-        """Serve a running (or about to start) engine as NAME[:VERSION]; the first version of a name is its
-        default."""
+            owns_engine: bool = True, budget_bytes: int = 0, on_demand: bool = False,
+            base: ServedModel | None = None) -> ServedModel:
+        """Serve a running (or about to start) engine as NAME[:VERSION], or with base, base's engine's LoRA
+        adapter NAME; the first version of a name is its default."""
         mid = model_id(name, version)
         if mid in self.models:
             raise ValueError(f"model {mid} is already served")
         serving = OpenAIServing(engine, mid, self.metrics.for_model(name, version), self.sse_ping_s,
-                                self.tool_call_parser)
+                                self.tool_call_parser, lora_name=name if base else None)
         served = ServedModel(name, version, path, engine, serving, ServingChat(serving), ServingCompletions(serving),
-                             owns_engine, budget_bytes, on_demand)
+                             owns_engine, budget_bytes, on_demand, base)
         self.models[mid] = served
         self.defaults.setdefault(name, version)
         self.first = self.first or name
         engine.on_dead(lambda error: self._failed(served, error))
         return served
+
+    async def add_lora(self, name: str, path: str, base_model: str | None = None) -> ServedModel:
+        """Load a PEFT LoRA adapter into a model's engine (the first model's by default) and serve it as the
+        model NAME, as vLLM does. 400 if the engine refuses it (LoRA off, a bad folder, no slot free)."""
+        if name in self.models or name in self.defaults:
+            raise APIError(400, f"a model named {name} already exists", param="lora_name")
+        base = self.lookup(base_model)
+        if base is None or base.base is not None or base.state != "serving":
+            raise APIError(404, f"base model {base_model} is not served", param="base_model_name",
+                           code="model_not_found")
+        try:
+            await base.engine.add_lora(name, path)
+        except ValueError as e:
+            raise APIError(400, str(e), param="lora_path") from None
+        return self.add(base.engine, name, path=path, owns_engine=False, base=base)
 
     def _failed(self, served: ServedModel, error: Exception) -> None:
         """On the engine's side: a plain flag. The server stops only when no model is left serving."""
@@ -285,6 +303,10 @@ class ModelRegistry:
                 m.name == served.name and m is not served for m in self.models.values()):
             raise APIError(409, f"{served.id} is the default version of {served.name}; make another version the "
                            f"default first (PUT /admin/models/{served.name}/default)", param="model")
+        adapters = [m.id for m in self.models.values() if m.base is served and m.state != "draining"]
+        if adapters:
+            raise APIError(409, f"{served.id} runs the LoRA adapters {', '.join(adapters)}; unload them first",
+                           param="model")
         self._withdraw(served)
         task = asyncio.ensure_future(self._drain_and_stop(served))
         task.add_done_callback(lambda t: t.exception() and logger.error("unloading %s: %s", served.id, t.exception()))
@@ -301,7 +323,9 @@ class ModelRegistry:
     async def _drain_and_stop(self, served: ServedModel) -> None:
         while served.in_flight:
             await asyncio.sleep(0.05)
-        if served.owns_engine:
+        if served.base is not None and served.engine.is_running:
+            await served.engine.remove_lora(served.name)
+        elif served.owns_engine:
             await asyncio.to_thread(served.engine.shutdown)
         self.models.pop(served.id, None)
         logger.info("model %s unloaded", served.id)

@@ -389,6 +389,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "tokenmill"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model, as vLLM lists it
     max_model_len: int
 
 

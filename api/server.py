@@ -89,6 +89,8 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for m in models.models.values():
             m.engine.start()
+        for name, path in models.startup_loras:
+            await models.add_lora(name, path)
         yield
         models.shutdown()
 
@@ -114,7 +116,7 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
 
     def card(m: ServedModel) -> ModelCard:
         return ModelCard(id=m.id, created=m.created, root=m.path or m.engine.config.model,
-                         max_model_len=m.serving.max_model_len)
+                         parent=m.base.id if m.base else None, max_model_len=m.serving.max_model_len)
 
     @api.get("/v1/models")
     async def list_models() -> ModelList:
@@ -164,7 +166,8 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
 
 def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec], api_key: str | None = None,
                sse_ping_s: float = 15.0, engine_in_process: bool = False, tool_call_parser: str | None = None,
-               admin_key: str | None = None, memory_budget: int | None = None, model_dir: str | None = None) -> int:
+               admin_key: str | None = None, memory_budget: int | None = None, model_dir: str | None = None,
+               lora_modules: list[tuple[str, str]] | None = None) -> int:
     """Load the models, then serve until SIGINT or SIGTERM (which drain in-flight requests first).
 
     Each engine runs in a process of its own, or with engine_in_process on a thread of this one. Raises
@@ -177,6 +180,7 @@ def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec],
     models = ModelRegistry(factory, sse_ping_s, tool_call_parser, memory_budget, model_dir, base)
     for spec in specs:
         models.load_at_start(spec)
+    models.startup_loras = list(lora_modules or [])
     app = build_app(models, admin_key=admin_key, api_key=api_key)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))

@@ -105,10 +105,12 @@ class OpenAIServing:
     """Holds the engine, the served model's name and the metrics; runs requests for both endpoints."""
 
     def __init__(self, engine: EngineClient, model_name: str, metrics: ModelMetrics, sse_ping_s: float = 15.0,
-                 tool_call_parser: str | None = None):
+                 tool_call_parser: str | None = None, lora_name: str | None = None):
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
+        self.lora_name = lora_name  # the engine's LoRA adapter this model is, or None for the base model
+        self._streams: list[RequestStream] = []  # started here; those not finished are in flight
         self.sse_ping_s = sse_ping_s
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
@@ -164,7 +166,7 @@ class OpenAIServing:
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         try:
             results = await asyncio.gather(
-                *(self.engine.add_request(rid, p, params, arrival_time, prompt_field)
+                *(self.engine.add_request(rid, p, params, arrival_time, prompt_field, lora_name=self.lora_name)
                   for rid, p in zip(ids, prompts, strict=True)),
                 return_exceptions=True)
         except asyncio.CancelledError:  # the handler was cancelled: requests added already must not run on
@@ -180,7 +182,13 @@ class OpenAIServing:
                     param = constraint_field
                 raise bad_request(str(error), param=param or prompt_field)
             raise error
+        self._streams = [s for s in self._streams if not s.finished] + results
         return results
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests started here that have not ended."""
+        return sum(not s.finished for s in self._streams)
 
     # ---- engine -> outputs -----------------------------------------------------------------
 

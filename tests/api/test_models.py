@@ -6,6 +6,7 @@ time), each with an engine process of its own, and a --model-dir whose files loa
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -13,16 +14,36 @@ import time
 import httpx
 import openai
 import pytest
+import torch
+from safetensors.torch import save_file
 from api_helpers import ServeProcess, wait_until
 
 from api.cli import build_parser, model_specs
 from api.model_spec import ModelSpec, model_config
 from api.models import estimate_memory
 from engine.config import EngineConfig, default_model_path
+from engine.loader import load_model_files
 
 ADMIN = "admin-secret"
 PATH = default_model_path()
-SETTINGS = ["--quantization", "gguf", "--kv-cache-memory", "32MiB", "--max-model-len", "512", "--num-threads", "1"]
+SETTINGS = ["--quantization", "gguf", "--kv-cache-memory", "32MiB", "--max-model-len", "512", "--num-threads", "1",
+            "--enable-lora", "--max-lora-rank", "8"]
+
+
+def _write_adapter(path, seed: int) -> str:
+    """A PEFT LoRA folder of random q_proj and v_proj deltas for the packaged model."""
+    cfg = load_model_files(PATH, load_tokenizer=False)[0]
+    g, tensors = torch.Generator().manual_seed(seed), {}
+    for i in range(cfg.num_hidden_layers):
+        for module, out in (("q_proj", cfg.num_attention_heads), ("v_proj", cfg.num_key_value_heads)):
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(8, cfg.hidden_size, generator=g) * 0.05
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out * cfg.head_dim, 8, generator=g) * 0.05
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "bias": "none"}))
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return str(path)
 
 
 def _estimate() -> int:
@@ -36,8 +57,9 @@ def served(tmp_path_factory):
         os.symlink(PATH, model_dir / f"{name}.gguf")
     # Room for four models: the three given, then v3; once v1 is unloaded, one from the directory at a time.
     budget = int(4.5 * _estimate())
+    adapter = _write_adapter(tmp_path_factory.mktemp("lora") / "terse", seed=1)
     args = [f"smol:v1={PATH}", f"smol:v2={PATH}", f"other={PATH}", *SETTINGS, "--admin-key", ADMIN,
-            "--memory-budget", str(budget), "--model-dir", str(model_dir)]
+            "--memory-budget", str(budget), "--model-dir", str(model_dir), "--lora-modules", f"terse={adapter}"]
     with ServeProcess(args, tmp_path_factory.mktemp("serve") / "server.log") as server:
         admin = httpx.Client(base_url=server.client.base_url, timeout=300,
                              headers={"Authorization": f"Bearer {ADMIN}"})
@@ -110,7 +132,7 @@ def test_model_specs_from_arguments_and_a_config_file(tmp_path):
 
 def test_requests_route_by_name_and_version(served):
     server, _, client = served
-    assert {m.id for m in client.models.list().data} == {"smol:v1", "smol:v2", "other"}
+    assert {m.id for m in client.models.list().data} == {"smol:v1", "smol:v2", "other", "terse"}
     for asked, answered in [("smol", "smol:v1"), ("smol:v2", "smol:v2"), ("other", "other"), (None, "smol:v1")]:
         body = {"prompt": "Hi", "max_tokens": 2, **({"model": asked} if asked else {})}
         assert server.client.post("/v1/completions", json=body).json()["model"] == answered
@@ -120,7 +142,40 @@ def test_requests_route_by_name_and_version(served):
     metrics = server.client.get("/metrics").text
     assert 'tokenmill:generation_tokens_total{model_name="smol",version="v2"}' in metrics
     health = server.client.get("/health").json()["models"]
-    assert health == {"smol:v1": "serving", "smol:v2": "serving", "other": "serving"}
+    assert health == {"smol:v1": "serving", "smol:v2": "serving", "other": "serving", "terse": "serving"}
+
+
+def test_lora_adapters_are_models_of_their_own_batched_with_their_base(served, tmp_path):
+    server, admin, client = served
+    card = next(m for m in server.client.get("/v1/models").json()["data"] if m["id"] == "terse")
+    assert card["parent"] == "smol:v1"
+    loaded = admin.post("/v1/load_lora_adapter", json={"lora_name": "chatty",
+                                                       "lora_path": _write_adapter(tmp_path / "chatty", seed=2)})
+    assert loaded.status_code == 200, loaded.text
+    assert server.client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/x"}).status_code == 401
+    bad = admin.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(tmp_path / "missing")})
+    assert bad.status_code == 400
+
+    def complete(model: str) -> tuple[str, str]:
+        r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
+        return r.model, r.choices[0].text
+
+    # Base and both adapters at once, in the base engine's batches: each gets what it gets alone.
+    alone = {m: complete(m) for m in ("smol:v1", "terse", "chatty")}
+    together: dict = {}
+    threads = [threading.Thread(target=lambda m=m: together.update({m: complete(m)})) for m in alone]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone and [model for model, _ in alone.values()] == ["smol:v1", "terse", "chatty"]
+    assert len({text for _, text in alone.values()}) == 3  # the adapters change what the model says
+    assert admin.post("/v1/unload_lora_adapter", json={"lora_name": "chatty"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="chatty", prompt="Hi", max_tokens=2)
+    assert admin.delete("/admin/models/smol:v1").status_code == 409  # terse runs on it
+    assert admin.delete("/admin/models/terse").status_code == 200
+    assert wait_until(lambda: "terse" not in _admin_models(admin), timeout=30)
 
 
 def test_the_admin_api_needs_its_key(served):
