@@ -15,8 +15,8 @@ import httpx
 import openai
 import pytest
 import torch
-from safetensors.torch import save_file
 from api_helpers import ServeProcess, wait_until
+from safetensors.torch import save_file
 
 from api.cli import build_parser, model_specs
 from api.model_spec import ModelSpec, model_config
