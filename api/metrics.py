@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.llm_engine import EngineStats
 from engine.outputs import RequestOutput
 
 if TYPE_CHECKING:
@@ -28,6 +27,20 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
 
 
+# (kind, name, help, EngineStats field) of the engine's gauges and counters.
+_ENGINE_METRICS = [
+    (GaugeMetricFamily, "num_requests_running", "Sequences in the running batch.", "num_running"),
+    (GaugeMetricFamily, "num_requests_waiting", "Sequences waiting to be scheduled.", "num_waiting"),
+    (GaugeMetricFamily, "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", "kv_cache_usage"),
+    (CounterMetricFamily, "prompt_tokens_total", "Prompt tokens received.", "prompt_tokens"),
+    (CounterMetricFamily, "generation_tokens_total", "Tokens generated.", "generation_tokens"),
+    (CounterMetricFamily, "num_preemptions_total", "Sequences preempted for lack of KV blocks.", "num_preemptions"),
+    (CounterMetricFamily, "prefix_cache_queries_total", "Blocks looked up in the prefix cache.",
+     "prefix_cache_queries"),
+    (CounterMetricFamily, "prefix_cache_hits_total", "Blocks found in the prefix cache.", "prefix_cache_hits"),
+]
+
+
 class _EngineStatsCollector(Collector):
     """Every served model's engine stats, labelled with its name and version."""
 
@@ -38,27 +51,11 @@ class _EngineStatsCollector(Collector):
         models = [([m.name, m.version or ""], m.engine.stats) for m in list(self.registry.models.values())]
         label_names = ["model_name", "version"]
 
-        def family(kind: type, name: str, doc: str, value: Callable[[EngineStats], float]):
-            f = kind(PREFIX + name, doc, labels=label_names)
+        for kind, name, doc, field in _ENGINE_METRICS:
+            family = kind(PREFIX + name, doc, labels=label_names)
             for labels, stats in models:
-                f.add_metric(labels, value(stats))
-            return f
-
-        yield family(GaugeMetricFamily, "num_requests_running", "Sequences in the running batch.",
-                     lambda s: s.num_running)
-        yield family(GaugeMetricFamily, "num_requests_waiting", "Sequences waiting to be scheduled.",
-                     lambda s: s.num_waiting)
-        yield family(GaugeMetricFamily, "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
-                     lambda s: s.kv_cache_usage)
-        yield family(CounterMetricFamily, "prompt_tokens_total", "Prompt tokens received.", lambda s: s.prompt_tokens)
-        yield family(CounterMetricFamily, "generation_tokens_total", "Tokens generated.",
-                     lambda s: s.generation_tokens)
-        yield family(CounterMetricFamily, "num_preemptions_total", "Sequences preempted for lack of KV blocks.",
-                     lambda s: s.num_preemptions)
-        yield family(CounterMetricFamily, "prefix_cache_queries_total", "Blocks looked up in the prefix cache.",
-                     lambda s: s.prefix_cache_queries)
-        yield family(CounterMetricFamily, "prefix_cache_hits_total", "Blocks found in the prefix cache.",
-                     lambda s: s.prefix_cache_hits)
+                family.add_metric(labels, getattr(stats, field))
+            yield family
         success = CounterMetricFamily(PREFIX + "request_success_total", "Finished sequences by reason.",
                                       labels=[*label_names, "finished_reason"])
         for labels, stats in models:

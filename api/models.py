@@ -208,11 +208,13 @@ class ModelRegistry:
             self.on_all_failed(error)
 
     def _prepare(self, spec: ModelSpec) -> tuple[EngineConfig, int]:
-        """(the model's engine config, its memory estimate); ValueError for a bad path or setting."""
+        """(the model's engine config, its memory estimate, 0 without a budget to count it against);
+        ValueError for a bad path or setting. Without a budget, a checkpoint that cannot load is the
+        engine's to report."""
         config = model_config(self.base_config, spec.path, spec.settings)
         if not os.path.exists(config.resolved_model()):
             raise ValueError(f"path: {spec.path!r} does not exist")
-        return config, estimate_memory(config)
+        return config, estimate_memory(config) if self.memory_budget is not None else 0
 
     def load_at_start(self, spec: ModelSpec) -> ServedModel:
         """load(), before the server runs: blocking, and a budget overrun is a ValueError."""
