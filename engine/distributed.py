@@ -66,19 +66,23 @@ class Workers:
         context = multiprocessing.get_context("spawn")
         self.processes: list[multiprocessing.Process] = []
         self.conns: list[Connection] = []
-        # Daemonic unless we are a daemon ourselves (the server's engine process), which may have no
-        # daemonic children; then die_with_parent and the pipe's EOF end them, and so does the finalizer.
-        daemon = not multiprocessing.current_process().daemon
-        for rank in range(1, n):
-            reader, writer = context.Pipe(duplex=False)
-            process = context.Process(
-                target=run_worker, name=f"tokenmill-tp{rank}", daemon=daemon,
-                args=(config, rank, store.port, reader, os.getpid(), max_model_len,
-                      logging.getLogger().getEffectiveLevel()))
-            process.start()
-            reader.close()
-            self.processes.append(process)
-            self.conns.append(writer)
+        # multiprocessing refuses children to a daemon (the server's engine process is one), lest they outlive
+        # it when it is terminated; ours cannot (die_with_parent), so the flag is lifted while they start.
+        me = multiprocessing.current_process()
+        was_daemon, me.daemon = me.daemon, False
+        try:
+            for rank in range(1, n):
+                reader, writer = context.Pipe(duplex=False)
+                process = context.Process(
+                    target=run_worker, name=f"tokenmill-tp{rank}", daemon=True,
+                    args=(config, rank, store.port, reader, os.getpid(), max_model_len,
+                          logging.getLogger().getEffectiveLevel()))
+                process.start()
+                reader.close()
+                self.processes.append(process)
+                self.conns.append(writer)
+        finally:
+            me.daemon = was_daemon
         # Deleting the engine (or the interpreter exiting) ends the workers; shutdown() does it now.
         self._finalizer = weakref.finalize(self, _stop, self.processes, self.conns)
         logger.info("tensor parallel: %d ranks, worker pids %s", n, [p.pid for p in self.processes])
