@@ -33,6 +33,7 @@ class LoadModel(BaseModel):
     num_threads: int | None = None
     seed: int | None = None
     device: str | None = None
+    tensor_parallel_size: int | None = None
 
 
 class SetDefault(BaseModel):

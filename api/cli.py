@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="turn off automatic prefix caching")
     serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     serve.add_argument("--num-threads", type=int, default=None,
-                       help="torch CPU threads of the engine (default: torch's, one per core)")
+                       help="torch CPU threads of the engine, of each rank with --tensor-parallel-size "
+                            "(default: torch's, one per core; with N ranks, the cores / N each)")
+    serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                       help="split the model over N ranks, one process each (Megatron style): N GPUs on CUDA, "
+                            "or the cores on CPU (default: %(default)s)")
     serve.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default: %(default)s)")
     serve.add_argument("--served-model-name", default=None,
                        help="with one model: the name clients use and /v1/models lists (default: its file's)")
@@ -175,7 +179,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         kv_cache_memory=args.kv_cache_memory,
                         gpu_memory_utilization=args.gpu_memory_utilization, block_size=args.block_size,
                         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-                        seed=args.seed, num_threads=args.num_threads, fault_injection=args.fault_injection,
+                        seed=args.seed, num_threads=args.num_threads, tensor_parallel_size=args.tensor_parallel_size,
+                        fault_injection=args.fault_injection,
                         quantization=args.quantization, enable_lora=args.enable_lora or bool(args.lora_modules),
                         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                         limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts, max_stop=args.max_stop,

@@ -11,7 +11,7 @@ from engine.config import EngineConfig
 # Engine settings a model may set for itself (--config, POST /admin/models); the rest are the server's.
 MODEL_SETTINGS = ("dtype", "quantization", "load_format", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                   "kv_cache_memory", "block_size", "enable_prefix_caching", "enforce_eager", "num_threads", "seed",
-                  "device")
+                  "device", "tensor_parallel_size")
 
 
 def model_id(name: str, version: str | None) -> str:

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="tokenmill's ranks (transformers runs on one); with dummy weights, skip transformers")
     p.add_argument("--hf-batch-sizes", default="8,16", help="comma list; empty to skip transformers")
     p.add_argument("--single-decode-tokens", type=int, default=128,
                    help="tokens for the single-request decode comparison (0 to skip)")
@@ -154,11 +156,16 @@ def single_decode(llm: LLM, hf, prompt: list[int], n: int, device: torch.device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tensor_parallel_size > 1 and args.load_format == "dummy" and args.hf_batch_sizes:
+        parser.error("dummy weights are drawn per rank's shard: transformers cannot run the same model; "
+                     "pass --hf-batch-sizes ''")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
               quantization=args.quantization,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              seed=args.seed, skip_tokenizer_init=args.random_ids is not None)
+              seed=args.seed, skip_tokenizer_init=args.random_ids is not None,
+              tensor_parallel_size=args.tensor_parallel_size)
     runner = llm.engine.runner
     tok = llm.get_tokenizer()
     if args.random_ids:

@@ -43,6 +43,8 @@ class AsyncLLMEngine(CoreClient):
     def _stop_transport(self, timeout: float | None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            self.engine.shutdown()  # its tensor-parallel workers, if any: now, not when it is collected
 
     def _run(self) -> None:
         try:

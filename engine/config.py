@@ -109,11 +109,23 @@ class EngineConfig:
     enable_lora: bool = False
     max_loras: int = 4  # adapters resident at once
     max_lora_rank: int = 16
+    # Megatron-style tensor parallelism over this many ranks, one process each (engine/distributed.py);
+    # on CUDA one GPU per rank (cuda:0 .. cuda:N-1), on CPU the cores shared among them.
+    tensor_parallel_size: int = 1
     limits: RequestLimits = field(default_factory=RequestLimits)  # bounds on what a request may ask
     fault_injection: str | None = None  # tests only: see engine/faults.py
 
     def resolved_model(self) -> str:
         return self.model or default_model_path()
+
+    def num_threads_per_rank(self) -> int | None:
+        """torch's CPU threads in each process that runs the model: num_threads, else with several
+        tensor-parallel ranks the cores shared among them (more would oversubscribe), else None: torch's
+        default."""
+        if self.num_threads or self.tensor_parallel_size == 1:
+            return self.num_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cores // self.tensor_parallel_size)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -153,6 +165,14 @@ class EngineConfig:
             raise ValueError(f"max_loras must be >= 1; got {self.max_loras}")
         if not 1 <= self.max_lora_rank <= 512:
             raise ValueError(f"max_lora_rank must be in [1, 512]; got {self.max_lora_rank}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1; got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.quantization is not None:
+            raise ValueError(f"quantization {self.quantization!r} does not run tensor-parallel yet; "
+                             "use tensor_parallel_size 1, or no quantization")
+        if self.tensor_parallel_size > 1 and self.enable_lora:
+            raise ValueError("LoRA adapters do not run tensor-parallel yet; use tensor_parallel_size 1 "
+                             "with enable_lora")
         FaultInjector.parse(self.fault_injection)  # raises ValueError naming the bad item
         if self.model and self.load_format != "dummy" and not os.path.exists(self.model):
             raise ValueError(f"model path {self.model!r} does not exist (tokenmill loads local "

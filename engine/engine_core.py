@@ -12,9 +12,7 @@ O(context).
 """
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import queue
 import signal
 import sys
@@ -28,6 +26,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .config import EngineConfig, ModelConfig
+from .lifetime import die_with_parent
 from .llm_engine import EngineStats, LLMEngine
 from .lora import LoRAInfo
 from .outputs import RequestOutput
@@ -225,7 +224,7 @@ class EngineCore:
 def run_engine_core_process(config: EngineConfig, conn: Connection, parent_pid: int, log_level: int) -> None:
     """The engine process's main: load the model, send CoreReady (or CoreFailed and exit 1), then serve
     rounds over `conn` until Shutdown, the server's death, or a fault (CoreFailed, exit 1)."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     # Ctrl-C and a supervisor's SIGTERM reach the whole process group: the server decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -256,19 +255,3 @@ def _receive_commands(conn: Connection, commands: queue.SimpleQueue) -> None:
             commands.put(conn.recv())
     except (EOFError, OSError):
         commands.put(Shutdown())
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this process when the server's dies, even by SIGKILL (Linux). The signal
-    follows the server's thread that started us, so the client must be created on a thread that lives
-    as long as the server. Elsewhere, the command pipe's EOF ends us."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); relying on the command pipe",
-                           ctypes.get_errno())
-    if os.getppid() != parent_pid:  # the server died before the prctl took effect
-        os._exit(1)

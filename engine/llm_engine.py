@@ -21,6 +21,7 @@ import torch
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .distributed import Workers
 from .faults import FaultInjector
 from .limits import check_prompt, truncate_prompt
 from .loader import load_model_files
@@ -73,8 +74,9 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        threads = config.num_threads_per_rank()
+        if threads:
+            torch.set_num_threads(threads)
         torch.manual_seed(config.seed)
         model_path = config.resolved_model()
         self.model_config, self.tokenizer, weights = load_model_files(
@@ -82,7 +84,18 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
-        self.runner = ModelRunner(config, mc, weights, self.max_model_len)
+        # With tensor parallelism the other ranks start first, and load their shards while we load ours.
+        workers = Workers(config, self.max_model_len) if config.tensor_parallel_size > 1 else None
+        try:
+            self.runner = ModelRunner(config, mc, weights, self.max_model_len, workers=workers)
+        except BaseException as e:
+            if workers is not None:
+                try:
+                    if isinstance(e, RuntimeError):  # a collective failed: say which rank is gone, if one is
+                        workers.raise_if_dead(e)
+                finally:
+                    workers.shutdown()
+            raise
         # A sequence must fit the pool by itself, or preemption could not make room for it.
         self.max_model_len = min(self.max_model_len, self.runner.num_blocks * config.block_size)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
@@ -102,6 +115,10 @@ class LLMEngine:
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
                     mc.name, self.runner.dtype, self.runner.device, self.runner.num_blocks,
                     config.block_size, self.max_model_len)
+
+    def shutdown(self) -> None:
+        """End the tensor-parallel workers, if any, now (deleting the engine ends them too)."""
+        self.runner.shutdown()
 
     # ---- requests --------------------------------------------------------------------------
 

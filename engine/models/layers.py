@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kernels import reference
 from kernels.reference import LoRAPlan
@@ -39,6 +41,91 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     # The ops module's plan_attention of the above: host-side layout shared by every layer (None: none needed)
     plan: object | None = None
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's place among the tensor-parallel ranks (Megatron style), and the collectives the
+    layers need over torch.distributed's default group.
+
+    The column- and row-parallel linears are plain linears holding a rank's shard: q/k/v and gate/up
+    keep the rows of their heads or intermediate slice (column-parallel, no communication), o and down the
+    matching columns (row-parallel: each rank's output is a partial sum, all-reduced by the layer that
+    owns it). Keeping them nn.Linear keeps their names and types, so packing (engine/quantization.py)
+    treats them as any other linear."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def split(self, n: int) -> range:
+        """This rank's part of n things split as evenly as possible (the first n % world_size get one more)."""
+        size, extra = divmod(n, self.world_size)
+        start = self.rank * size + min(self.rank, extra)
+        return range(start, start + size + (self.rank < extra))
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(x)
+        return x
+
+    def gather_last_dim(self, x: torch.Tensor, total: int) -> torch.Tensor:
+        """Every rank's split() slice of the last dimension, concatenated: [..., total]. The slices may
+        differ by one, so each is padded to the largest for the all-gather and trimmed after."""
+        if self.world_size == 1:
+            return x
+        width = -(-total // self.world_size)
+        padded = F.pad(x, (0, width - x.shape[-1])).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        sizes = [len(TensorParallel(r, self.world_size).split(total)) for r in range(self.world_size)]
+        return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
+
+
+SINGLE_RANK = TensorParallel()
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """The query and KV heads a rank holds: ranges into the model's heads."""
+
+    q_heads: range
+    kv_heads: range
+
+
+def split_heads(num_heads: int, num_kv_heads: int, tp: TensorParallel) -> HeadSplit:
+    """Split attention by KV group, so that a rank's query heads always attend over KV heads it holds.
+    With at least as many KV heads as ranks, each rank takes whole groups, as evenly as possible (9 query
+    heads in 3 groups at TP=2: groups 0-1 on rank 0, group 2 on rank 1; vLLM asks for even division).
+    With fewer, each KV head is replicated on the ranks that share its group's query heads."""
+    group = num_heads // num_kv_heads
+    if num_kv_heads >= tp.world_size:
+        kv = tp.split(num_kv_heads)
+        return HeadSplit(range(kv.start * group, kv.stop * group), kv)
+    kv_head = tp.rank * num_kv_heads // tp.world_size
+    sharing = [r for r in range(tp.world_size) if r * num_kv_heads // tp.world_size == kv_head]
+    if group < len(sharing):
+        raise ValueError(f"cannot split {num_heads} query heads in {num_kv_heads} KV groups over "
+                         f"{tp.world_size} tensor-parallel ranks: a rank would hold no query head")
+    q = TensorParallel(sharing.index(tp.rank), len(sharing)).split(group)
+    return HeadSplit(range(kv_head * group + q.start, kv_head * group + q.stop), range(kv_head, kv_head + 1))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The embedding table split by vocabulary rows: each rank looks up the ids in its slice, zeros for
+    the others, and the all-reduce sums the one non-zero row per token."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel):
+        super().__init__()
+        self.vocab = tp.split(vocab_size)
+        self.weight = nn.Parameter(torch.empty(len(self.vocab), hidden_size))
+        self.tp = tp
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:
+            return F.embedding(input_ids, self.weight)
+        mine = (input_ids >= self.vocab.start) & (input_ids < self.vocab.stop)
+        h = F.embedding((input_ids - self.vocab.start) * mine, self.weight) * mine[:, None]
+        return self.tp.all_reduce(h)
 
 
 @dataclass
@@ -131,9 +218,10 @@ class RotaryEmbedding(nn.Module):
 class Attention(nn.Module):
     """Grouped-query self-attention over the paged KV cache. q, k, v come from one fused projection."""
 
-    def __init__(self, cfg, ops: ModuleType):
+    def __init__(self, cfg, ops: ModuleType, tp: TensorParallel = SINGLE_RANK):
         super().__init__()
-        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        heads = split_heads(cfg.num_attention_heads, cfg.num_key_value_heads, tp)
+        self.num_heads, self.num_kv_heads = len(heads.q_heads), len(heads.kv_heads)
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -144,6 +232,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.ops = ops
+        self.tp = tp
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, rotary: RotaryEmbedding) -> torch.Tensor:
@@ -159,17 +248,20 @@ class Attention(nn.Module):
         rotary(positions, q, k, v, k_cache, v_cache, meta.slot_mapping)
         o = self.ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                      meta.query_start_loc, self.scale, plan=meta.plan)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return self.tp.all_reduce(self.o_proj(o.reshape(-1, self.q_size)))
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)), with gate and up fused into one projection."""
+    """down(silu(gate(x)) * up(x)), with gate and up fused into one projection. Under tensor parallelism
+    intermediate_size is this rank's slice, and down's partial sums are all-reduced."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, ops: ModuleType):
+    def __init__(self, hidden_size: int, intermediate_size: int, ops: ModuleType,
+                 tp: TensorParallel = SINGLE_RANK):
         super().__init__()
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.ops = ops
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x))))

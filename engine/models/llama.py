@@ -2,6 +2,8 @@
 
 The families differ only in switches on ModelConfig: q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3),
 tied embeddings, rope theta and scaling. Fusion and weight-name mapping live in layers and loader.
+Under tensor parallelism each rank builds the model for its own shard (TensorParallel) and loads its
+slice of every checkpoint tensor.
 """
 from __future__ import annotations
 
@@ -12,18 +14,28 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from .layers import Attention, AttentionMetadata, GatedMLP, RMSNorm, RotaryEmbedding
+from .layers import (
+    SINGLE_RANK,
+    Attention,
+    AttentionMetadata,
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    TensorParallel,
+    VocabParallelEmbedding,
+    split_heads,
+)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: ModuleType):
+    def __init__(self, cfg: ModelConfig, ops: ModuleType, tp: TensorParallel):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.self_attn = Attention(cfg, ops)
+        self.self_attn = Attention(cfg, ops, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, ops)
+        self.mlp = GatedMLP(cfg.hidden_size, len(tp.split(cfg.intermediate_size)), ops, tp)
 
     def forward(self, positions, h, residual, kv_cache, meta, rotary):
         # norm, attention, residual, norm, MLP, residual; each residual add is fused into the next norm.
@@ -37,18 +49,21 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: ModuleType):
+    def __init__(self, cfg: ModelConfig, ops: ModuleType, tp: TensorParallel = SINGLE_RANK):
         super().__init__()
         if cfg.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"architecture {cfg.architecture!r} is not supported; "
                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_hidden_layers))
+        self.tp = tp
+        self.heads = split_heads(cfg.num_attention_heads, cfg.num_key_value_heads, tp)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                       cfg.rope_scaling, ops)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Vocab-parallel like the embedding (the same shard when tied); compute_logits gathers the slices.
+        self.lm_head = nn.Linear(cfg.hidden_size, len(self.embed_tokens.vocab), bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -62,7 +77,8 @@ class LlamaForCausalLM(nn.Module):
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        """Logits over the whole vocabulary, on every rank."""
+        return self.tp.gather_last_dim(self.lm_head(hidden), self.cfg.vocab_size)
 
     # Checkpoints keep q/k/v and gate/up apart; we run them as one matmul each.
     _stacked = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -77,6 +93,7 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
                 continue
             parts = name.split(".")
+            tensor = self._shard(parts[-2] if len(parts) >= 2 else "", parts[-1], tensor)
             stacked = self._stacked.get(parts[-2]) if len(parts) >= 2 else None
             if stacked is not None:
                 fused, shard = stacked
@@ -96,11 +113,33 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}"
                              + (" ..." if len(missing) > 5 else ""))
 
+    def _shard(self, module: str, kind: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a checkpoint tensor: rows of the column-parallel linears and of the
+        vocabulary, columns of the row-parallel ones; a row-parallel bias is added once, on rank 0."""
+        tp, c = self.tp, self.cfg
+        if tp.world_size == 1:
+            return tensor
+        d = c.head_dim
+        q_rows = range(self.heads.q_heads.start * d, self.heads.q_heads.stop * d)
+        kv_rows = range(self.heads.kv_heads.start * d, self.heads.kv_heads.stop * d)
+        ffn = tp.split(c.intermediate_size)
+        vocab = self.embed_tokens.vocab
+        rows = {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows, "gate_proj": ffn, "up_proj": ffn,
+                "embed_tokens": vocab, "lm_head": vocab}
+        columns = {"o_proj": q_rows, "down_proj": ffn}
+        if module in rows:
+            return tensor[rows[module].start:rows[module].stop]
+        if module in columns and kind == "bias":
+            return tensor if tp.rank == 0 else torch.zeros_like(tensor)
+        if module in columns:
+            return tensor[:, columns[module].start:columns[module].stop]
+        return tensor  # norms: replicated
+
     def _shard_sizes(self, fused: str) -> list[int]:
         c = self.cfg
         if fused == "qkv_proj":
-            return [c.num_attention_heads * c.head_dim] + [c.num_key_value_heads * c.head_dim] * 2
-        return [c.intermediate_size] * 2
+            return [len(self.heads.q_heads) * c.head_dim] + [len(self.heads.kv_heads) * c.head_dim] * 2
+        return [len(self.tp.split(c.intermediate_size))] * 2
 
     def _expected_keys(self) -> list[str]:
         keys = []

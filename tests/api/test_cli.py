@@ -96,10 +96,11 @@ def test_engine_flags_map_onto_the_engine_config(tmp_path):
     args = build_parser().parse_args(["serve", str(tmp_path), "--block-size", "32", "--no-enable-prefix-caching",
                                       "--enforce-eager", "--seed", "7", "--gpu-memory-utilization", "0.5",
                                       "--load-format", "dummy", "--engine-in-process",
-                                      "--max-constraint-compile-s", "2.5"])
+                                      "--max-constraint-compile-s", "2.5", "--tensor-parallel-size", "2"])
     config = engine_config(args)
     assert (config.block_size, config.enable_prefix_caching, config.enforce_eager, config.seed,
             config.gpu_memory_utilization, config.load_format) == (32, False, True, 7, 0.5, "dummy")
+    assert config.tensor_parallel_size == 2
     assert args.engine_in_process and config.limits.max_constraint_compile_s == 2.5
     defaults = build_parser().parse_args(["serve"])
     assert engine_config(defaults).enable_prefix_caching and not defaults.engine_in_process
