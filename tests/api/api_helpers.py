@@ -141,6 +141,9 @@ class ScriptedEngine:
     def get_tokenizer(self):
         return None
 
+    def shutdown(self) -> None:
+        self.requests.clear()
+
     def stats(self) -> EngineStats:
         return EngineStats(0, len(self.requests), 0.0, 0, 0, 0, 0, 0)
 
