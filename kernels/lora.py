@@ -14,8 +14,17 @@ import triton.language as tl
 from .reference import LoRAPlan
 
 BLOCK_M = 16  # tokens per program: decode segments are often a few tokens, and tl.dot needs 16
-BLOCK_K = 64
 BLOCK_N = 64
+# The shrink holds a token's whole rank (its output) and narrows its hidden-size tile BLOCK_K as the rank
+# grows, so that an A tile stays at 4,096 elements, with 8 warps for the wide ranks of fused q|k|v and
+# gate|up adapters; the expand walks the rank in tiles of at most EXPAND_R. Wider, float32 spills registers
+# on sm_80 (`python -m kernels.aot`).
+TILE_ELEMENTS = 4096
+EXPAND_R = 32
+
+
+def shrink_k(block_r: int) -> int:
+    return max(16, min(64, TILE_ELEMENTS // block_r))
 
 
 @triton.jit
@@ -66,21 +75,24 @@ def _lora_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # grid: (segment, tile of BLOCK_M of its rows, tile of BLOCK_N outputs)
+    # grid: (segment, tile of BLOCK_M of its rows, tile of BLOCK_N outputs); the rank in tiles of BLOCK_R
     empty, rows, row_mask, tokens, slot = _segment_rows(token_ptr, seg_start_ptr, seg_slot_ptr, BLOCK_M)
     if empty:
         return
-    r = tl.arange(0, BLOCK_R)
-    r_mask = r < R
     n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
-    s = tl.load(s_ptr + rows[:, None] * stride_s + r[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-    b = tl.load(b_ptr + slot * stride_b_slot + n[None, :] * stride_b_n + r[:, None],
-                mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # B^T tile [BLOCK_R, BLOCK_N]
-    if UPCAST_DOT:
-        delta = tl.dot(s, b.to(tl.float32), input_precision=DOT_PRECISION)
-    else:
-        delta = tl.dot(s.to(b.dtype), b, input_precision=DOT_PRECISION)
+    delta = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = r < R
+        s = tl.load(s_ptr + rows[:, None] * stride_s + r[None, :], mask=row_mask[:, None] & r_mask[None, :],
+                    other=0.0)
+        b = tl.load(b_ptr + slot * stride_b_slot + n[None, :] * stride_b_n + r[:, None],
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # B^T tile [BLOCK_R, BLOCK_N]
+        if UPCAST_DOT:
+            delta = tl.dot(s, b.to(tl.float32), delta, input_precision=DOT_PRECISION)
+        else:
+            delta = tl.dot(s.to(b.dtype), b, delta, input_precision=DOT_PRECISION)
     y_ptrs = y_ptr + tokens[:, None].to(tl.int64) * stride_y + n[None, :]
     mask = row_mask[:, None] & n_mask[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0)
@@ -103,13 +115,14 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     assert x2.stride(-1) == 1 and y2.stride(-1) == 1 and lora_a.stride(-1) == 1 and lora_b.stride(-1) == 1
     s = torch.empty(plan.token_indices.shape[0], rank, dtype=torch.float32, device=x.device)
     m_tiles = triton.cdiv(plan.max_seg_len, BLOCK_M)
-    common = dict(BLOCK_M=BLOCK_M, BLOCK_R=block_r(rank),
+    tile_r = block_r(rank)
+    common = dict(BLOCK_M=BLOCK_M,
                   UPCAST_DOT=x.device.type == "cpu" and lora_a.dtype == torch.bfloat16,
                   DOT_PRECISION="ieee" if lora_a.dtype == torch.float32 else "tf32")
     args = (plan.token_indices, plan.seg_starts, plan.seg_slots)
     _lora_shrink_kernel[(len(plan.slots), m_tiles)](
         x2, lora_a, s, *args, k, rank, x2.stride(0), lora_a.stride(0), lora_a.stride(1), s.stride(0),
-        BLOCK_K=BLOCK_K, **common)
+        BLOCK_R=tile_r, BLOCK_K=shrink_k(tile_r), num_warps=8 if tile_r >= 128 else 4, **common)
     _lora_expand_kernel[(len(plan.slots), m_tiles, triton.cdiv(n, BLOCK_N))](
         s, lora_b, y2, *args, n, rank, s.stride(0), lora_b.stride(0), lora_b.stride(1), y2.stride(0),
-        BLOCK_N=BLOCK_N, **common)
+        BLOCK_R=min(tile_r, EXPAND_R), BLOCK_N=BLOCK_N, **common)
