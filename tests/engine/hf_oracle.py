@@ -36,3 +36,18 @@ def assert_prompt_logprobs_match_transformers(hf, prompt_ids: list[int], got, to
         alternatives = sorted((lp for t, lp in entry.items() if lp.rank <= top_n), key=lambda lp: lp.rank)
         assert [lp.rank for lp in alternatives] == list(range(1, top_n + 1))
         assert [lp.logprob for lp in alternatives] == pytest.approx(ref.topk(top_n).values.tolist(), abs=1e-4)
+
+
+def random_checkpoint(config, path, tokenizer):
+    """A transformers model of config with seeded random weights, its biases and norms made non-trivial (they
+    start at zero and one), saved with tokenizer to path; returns the model."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model

@@ -1,7 +1,6 @@
 """Tiny random-weight models of each family: same greedy tokens and logprobs as transformers' own code."""
 import pytest
-import torch
-from hf_oracle import assert_matches_transformers
+from hf_oracle import assert_matches_transformers, random_checkpoint
 
 from engine import LLM, SamplingParams
 
@@ -28,16 +27,8 @@ PROMPTS = ["The quick brown fox", "In 1905 Einstein published", "1, 2, 3,", "A"]
 def family(request, tmp_path_factory, tokenizer):
     cls_name, extra = FAMILIES[request.param]
     config = getattr(transformers, cls_name)(**COMMON, **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # biases start at zero; make them matter
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
     path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model, str(path)
+    return random_checkpoint(config, path, tokenizer), str(path)
 
 
 def test_greedy_tokens_and_logprobs_match_transformers(family, tokenizer):

@@ -7,7 +7,7 @@ import signal
 import time
 
 import pytest
-import torch
+from hf_oracle import random_checkpoint
 
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
@@ -53,15 +53,8 @@ def _checkpoint(name: str, tmp_path_factory, tokenizer) -> str:
     config = getattr(transformers, cls_name)(**COMMON, **extra)
     if cls_name == "LlamaConfig":
         config.attention_bias = True  # q/k/v and o bias: o's is row-parallel, added once
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # biases start at zero; make them matter
-        for p_name, p in model.named_parameters():
-            if p_name.endswith("bias") or "norm" in p_name:
-                p.add_(torch.randn_like(p) * 0.1)
     path = tmp_path_factory.mktemp(name)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    random_checkpoint(config, path, tokenizer)
     return str(path)
 
 
