@@ -186,8 +186,8 @@ class EngineClient(ABC):
         self.limits.check_params(params)
         ids = truncate_prompt(await self.prompt_token_ids(prompt, param), params, self.max_model_len)
         check_prompt(ids, params, self.model_config.vocab_size, self.max_model_len, param)
-        capacity = self.config.max_num_seqs + self.limits.max_waiting_seqs
-        if self._num_seqs + params.n > capacity:
+        capacity = self.capacity
+        if capacity is not None and self._num_seqs + params.n > capacity:
             raise EngineOverloadedError(
                 f"the server is overloaded: {self._num_seqs} sequences are in flight and at most {capacity} "
                 f"may be (--max-num-seqs {self.config.max_num_seqs} + --max-queue-len "
@@ -240,6 +240,12 @@ class EngineClient(ABC):
             if stream is not None:
                 stream._deliver(RequestFailedError(f"request {rid} was aborted"))
         self._submit_abort(ids)
+
+    @property
+    def capacity(self) -> int | None:
+        """Most sequences this client lets be in flight at once; None where the engines behind it bound
+        their own queues (replicas on Ray Serve)."""
+        return self.config.max_num_seqs + self.limits.max_waiting_seqs
 
     @property
     def num_requests(self) -> int:

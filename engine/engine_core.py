@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .config import EngineConfig, ModelConfig
-from .lifetime import die_with_parent
+from .lifetime import die_with_parent, set_process_name
 from .llm_engine import EngineStats, LLMEngine
 from .lora import LoRAInfo
 from .outputs import RequestOutput
@@ -225,6 +225,7 @@ def run_engine_core_process(config: EngineConfig, conn: Connection, parent_pid: 
     """The engine process's main: load the model, send CoreReady (or CoreFailed and exit 1), then serve
     rounds over `conn` until Shutdown, the server's death, or a fault (CoreFailed, exit 1)."""
     die_with_parent(parent_pid)
+    set_process_name("tokenmill-engine")
     # Ctrl-C and a supervisor's SIGTERM reach the whole process group: the server decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

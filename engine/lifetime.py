@@ -11,6 +11,7 @@ import sys
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -24,3 +25,9 @@ def die_with_parent(parent_pid: int) -> None:
                            ctypes.get_errno())
     if os.getppid() != parent_pid:  # the parent died before the prctl took effect
         os._exit(1)
+
+
+def set_process_name(name: str) -> None:
+    """Name this process as `ps`, `top` and /proc/PID/comm show it (Linux; the kernel keeps 15 bytes)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
