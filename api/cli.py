@@ -126,6 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require `Authorization: Bearer KEY` on /v1, /tokenize and /detokenize "
                             "(default: $TOKENMILL_API_KEY; none: open)")
 
+    ray = serve.add_argument_group("replicas on Ray Serve (--ray)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve through Ray Serve: each model runs as engine replicas (one engine process each) "
+                          "behind Serve's HTTP proxy, with requests that share a prompt prefix sent to the same "
+                          "replica (see api/ray_serve.py)")
+    ray.add_argument("--ray-address", default=None,
+                     help="the Ray cluster to run on (default: $RAY_ADDRESS, else a local cluster started here)")
+    ray.add_argument("--num-replicas", type=int, default=1,
+                     help="engine replicas per model at start, and the fewest while autoscaling (default: %(default)s)")
+    ray.add_argument("--max-replicas", type=int, default=None,
+                     help="autoscale each model between --num-replicas and this many replicas on requests in "
+                          "flight (default: no autoscaling)")
+    ray.add_argument("--target-ongoing-requests", type=float, default=None,
+                     help="requests in flight per replica that autoscaling aims at (default: --max-num-seqs)")
+    ray.add_argument("--cpus-per-replica", type=float, default=1.0,
+                     help="Ray CPUs each engine replica reserves; also its engine's threads unless --num-threads "
+                          "is given (default: %(default)s)")
+
     bench = commands.add_parser("bench", help="run a benchmark from benchmarks/")
     bench.add_argument("benchmark", choices=["serve", "throughput"],
                        help="serve: benchmarks/serving.py against a running server; "
@@ -193,6 +211,31 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                                              max_waiting_seqs=args.max_queue_len))
 
 
+_NOT_ON_RAY = [("engine_in_process", "--engine-in-process"), ("admin_key", "--admin-key"),
+               ("memory_budget", "--memory-budget"), ("model_dir", "--model-dir"), ("enable_lora", "--enable-lora"),
+               ("lora_modules", "--lora-modules")]
+
+
+def check_ray_args(args: argparse.Namespace) -> None:
+    """ValueError for a replica setting without --ray, or a setting --ray does not support yet."""
+    if not args.ray:
+        given = [flag for flag, default in [("--num-replicas", 1), ("--max-replicas", None),
+                                            ("--target-ongoing-requests", None), ("--cpus-per-replica", 1.0),
+                                            ("--ray-address", None)]
+                 if getattr(args, flag[2:].replace("-", "_")) != default]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --ray")
+        return
+    refused = [flag for field, flag in _NOT_ON_RAY if getattr(args, field)]
+    if refused:
+        raise ValueError(f"{', '.join(refused)}: not supported with --ray")
+    try:
+        from .ray_serve import ReplicaSettings
+    except ImportError as e:
+        raise ValueError(f"--ray needs Ray Serve: pip install 'tokenmill[ray]' ({e})") from None
+    ReplicaSettings(args.num_replicas, args.max_replicas, args.target_ongoing_requests, args.cpus_per_replica)
+
+
 _BENCHMARKS = {"serve": "serving.py", "throughput": "throughput.py"}
 
 
@@ -222,9 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         loras = [tuple(m.split("=", 1)) for m in args.lora_modules]
         if any(len(m) != 2 or not all(m) for m in loras):
             raise ValueError("--lora-modules: give NAME=PATH")
+        check_ray_args(args)
     except (TypeError, ValueError) as e:
         print(f"tokenmill serve: {e}", file=sys.stderr)
         return 2
+    if args.ray:
+        from .ray_serve import run_ray  # Ray loads only for --ray
+
+        return run_ray(args)
     from engine.core_client import EngineStartupError
 
     from .server import run_server  # the web stack loads only for `serve`
