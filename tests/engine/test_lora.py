@@ -93,13 +93,15 @@ def test_mixed_batch_runs_each_adapter_as_its_merged_weights(tiny, cpu_kernels):
     oracles = {None: hf} | {name: merged for name, (_, merged) in adapters.items()}
     for prompt, name, out in zip(PROMPTS, names, outs, strict=True):
         assert_matches_transformers(oracles[name], prompt, out.outputs[0], GREEDY.max_tokens, top_n=3)
-    # Each alone gives what it gave in the mixed batch.
+    # Each alone gives what it gave in the mixed batch: the same tokens, and logprobs equal to float32 noise
+    # (a GEMM's reduction order follows its row count, so a batch and one row differ in the last bits;
+    # measured up to 1.2e-5 over ten steps, so 5e-5 still catches an adapter applied to the wrong rows).
     for prompt, name, out in zip(PROMPTS, names, outs, strict=True):
         alone = llm.generate([prompt], GREEDY, use_tqdm=False, lora_name=name)[0].outputs[0]
         assert alone.token_ids == out.outputs[0].token_ids
         for got, want in zip(alone.logprobs, out.outputs[0].logprobs, strict=True):
             assert got.keys() == want.keys()
-            assert all(got[t] == pytest.approx(want[t], abs=1e-5) for t in got)
+            assert all(got[t] == pytest.approx(want[t], abs=5e-5) for t in got)
     # The adapters matter: each changes the greedy tokens of some prompt.
     base = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     for name in adapters:
