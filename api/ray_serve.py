@@ -111,6 +111,28 @@ def _deployment_name(spec: ModelSpec) -> str:
     return "engine-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model_id(spec.name, spec.version))
 
 
+def engine_options(config: EngineConfig, replicas: ReplicaSettings, name: str) -> dict[str, Any]:
+    """Serve's options for one model's engine deployment."""
+    max_replicas = replicas.max_replicas or replicas.num_replicas
+    # A CUDA replica reserves a GPU per rank, so Ray places it where they are free and makes them visible.
+    gpus = config.tensor_parallel_size if config.torch_device().type == "cuda" else 0
+    options: dict[str, Any] = dict(
+        name=name, ray_actor_options={"num_cpus": replicas.cpus_per_replica, "num_gpus": gpus},
+        max_ongoing_requests=config.max_num_seqs + config.limits.max_waiting_seqs,
+        max_queued_requests=config.limits.max_waiting_seqs,
+        request_router_config=RequestRouterConfig(request_router_class=PrefixAwareRouter,
+                                                  request_router_kwargs={"block_size": config.block_size}))
+    if max_replicas > replicas.num_replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": replicas.num_replicas, "initial_replicas": replicas.num_replicas,
+            "max_replicas": max_replicas,
+            "target_ongoing_requests": replicas.target_ongoing_requests or config.max_num_seqs,
+            **replicas.autoscaling}
+    else:
+        options["num_replicas"] = replicas.num_replicas
+    return options
+
+
 def build_ray_app(base: EngineConfig, specs: list[ModelSpec], replicas: ReplicaSettings,
                   api_key: str | None = None, sse_ping_s: float = 15.0,
                   tool_call_parser: str | None = None) -> Application:
@@ -120,23 +142,9 @@ def build_ray_app(base: EngineConfig, specs: list[ModelSpec], replicas: ReplicaS
         config = model_config(base, spec.path, spec.settings)
         if config.num_threads is None:
             config = dataclasses.replace(config, num_threads=max(1, int(replicas.cpus_per_replica)))
-        per_replica = config.max_num_seqs + config.limits.max_waiting_seqs
-        max_replicas = replicas.max_replicas or replicas.num_replicas
-        options: dict[str, Any] = dict(
-            name=_deployment_name(spec), ray_actor_options={"num_cpus": replicas.cpus_per_replica},
-            max_ongoing_requests=per_replica, max_queued_requests=config.limits.max_waiting_seqs,
-            request_router_config=RequestRouterConfig(request_router_class=PrefixAwareRouter,
-                                                      request_router_kwargs={"block_size": config.block_size}))
-        if max_replicas > replicas.num_replicas:
-            options["autoscaling_config"] = {
-                "min_replicas": replicas.num_replicas, "initial_replicas": replicas.num_replicas,
-                "max_replicas": max_replicas,
-                "target_ongoing_requests": replicas.target_ongoing_requests or config.max_num_seqs,
-                **replicas.autoscaling}
-        else:
-            options["num_replicas"] = replicas.num_replicas
+        options = engine_options(config, replicas, _deployment_name(spec))
         engines.append((spec, serve.deployment(EngineReplica).options(**options).bind(config)))
-        capacity += per_replica * max_replicas
+        capacity += options["max_ongoing_requests"] * (replicas.max_replicas or replicas.num_replicas)
     ingress = serve.deployment(OpenAIIngress).options(
         name="openai", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=capacity)
     return ingress.bind(engines, api_key, sse_ping_s, tool_call_parser)

@@ -15,6 +15,7 @@ from api import ray_serve  # noqa: E402
 from api.cli import main  # noqa: E402
 from api.ray_client import EngineCall  # noqa: E402
 from api.ray_router import PrefixAwareRouter, PrefixIndex, block_hashes  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 DEPLOYMENT = DeploymentID(name="engine-test", app_name="tokenmill")
@@ -97,3 +98,14 @@ def test_serve_run_arguments_become_serve_options(monkeypatch):
 def test_bad_replica_options_exit_2_before_anything_starts(argv, error, capsys):
     assert main(["serve", *argv]) == 2
     assert error in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, tp, gpus", [("cpu", 2, 0), ("cuda", 1, 1), ("cuda", 2, 2)])
+def test_engine_replicas_reserve_a_gpu_per_rank_on_cuda(device, tp, gpus):
+    config = EngineConfig(model=None, device=device, tensor_parallel_size=tp, max_num_seqs=8)
+    fixed = ray_serve.engine_options(config, ray_serve.ReplicaSettings(2, None, None, 4.0), "engine-m")
+    assert fixed["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": gpus}
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    scaled = ray_serve.engine_options(config, ray_serve.ReplicaSettings(1, 3, None, 4.0), "engine-m")
+    assert scaled["autoscaling_config"]["max_replicas"] == 3
+    assert scaled["autoscaling_config"]["target_ongoing_requests"] == 8  # max_num_seqs by default
