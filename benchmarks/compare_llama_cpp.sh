@@ -21,28 +21,9 @@ CONCURRENCY=${CONCURRENCY:-1,8,32,64}
 SWEEPS=${SWEEPS:-concurrency rate}
 OUT=benchmarks/results
 mkdir -p "$OUT"
+source benchmarks/servers.sh
 LLAMA=$(PYTHON=$PY bash benchmarks/build_llama_server.sh | tail -n 1)
 GGUF=$($PY -c "from engine.config import default_model_path; print(default_model_path())")
-
-start_server() {  # NAME PORT CMD... ; sets SERVER_PID once /health answers
-  local name=$1 port=$2; shift 2
-  "$@" > "$OUT/$name-server.log" 2>&1 &
-  SERVER_PID=$!
-  for _ in $(seq 300); do
-    curl -sf "http://127.0.0.1:$port/health" > /dev/null && return 0
-    kill -0 $SERVER_PID 2>/dev/null || { cat "$OUT/$name-server.log"; return 1; }
-    sleep 1
-  done
-  return 1
-}
-
-stop_server() { kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; }
-
-bench() {  # NAME PORT META NUM_PROMPTS ARGS...
-  local name=$1 port=$2 meta=$3 n=$4; shift 4
-  $PY benchmarks/serving.py --base-url "http://127.0.0.1:$port" --backend "$name" --num-prompts "$n" \
-    --out "$OUT" --no-progress --metadata "$meta" device=cpu "$@" || true
-}
 
 serve_and_bench() {  # NAME PORT META CMD...
   local name=$1 port=$2 meta=$3; shift 3

@@ -2,11 +2,13 @@
 and the engine's own Python (scheduling, input building, detokenizing).
 
     python benchmarks/profile_step.py --dtype float32 --num-requests 32 [--quantization gguf]
+    python benchmarks/profile_step.py --tensor-parallel-size 2   # and the collectives' share, per step
 
 Runs the seeded mixed workload of throughput.py through LLM.generate under torch.profiler. Attention
 (rotary + KV write + paged attention), the forward pass and the sampler are timed inclusively by wrapping them
 in record_function; linear layers are the self time of the matmul ops (MATMUL_OPS). Shares are of the
-whole run's wall time.
+whole run's wall time. With tensor parallelism the profile is rank 0's, and the collectives (torch.distributed's
+all-reduces and all-gathers, waits for the other ranks included) are split out of the forward pass.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.datasets import synthetic_requests  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.config import QUANTIZATIONS  # noqa: E402
+from engine.models.layers import TensorParallel  # noqa: E402
 
 # torch's matmuls and tokenmill's linears (packed float32, int4 and int8 groups)
 MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm",
@@ -49,10 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
     args = p.parse_args(argv)
 
     llm = LLM(args.model, dtype=args.dtype, load_format=args.load_format, max_num_seqs=args.max_num_seqs,
-              quantization=args.quantization)
+              quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size)
     tok = llm.get_tokenizer()
     requests = synthetic_requests(args.num_requests, seed=args.seed)
     prompts = [{"prompt_token_ids": tok.encode(r.prompt)} for r in requests]
@@ -66,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ops = engine.runner.ops  # the layers look the ops up on every call
     label(ops, "paged_attention", "attention")
     label(ops, "rotary_and_cache", "attention")
+    # Labelled where the model calls them: the profiler's c10d ops only enqueue, and the wait is outside them.
+    if args.tensor_parallel_size > 1:
+        label(TensorParallel, "all_reduce", "collectives")
+        label(TensorParallel, "gather_last_dim", "collectives")
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
@@ -76,10 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     times = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
     matmul = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6
     forward, attention, sampling = times.get("forward", 0.0), times.get("attention", 0.0), times.get("sampling", 0.0)
+    steps = next(e.count for e in prof.key_averages() if e.key == "forward")
+    collectives = times.get("collectives", 0.0)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "collectives")
     shares = {
         "linear layers (matmul)": matmul,
         "attention (rotary + KV write + paged attention)": attention,
-        "rest of the forward (norms, SiLU, embedding, inputs)": forward - matmul - attention,
+        "collectives (all-reduce, all-gather; rank 0, waits included)": collectives,
+        "rest of the forward (norms, SiLU, embedding, inputs)": forward - matmul - attention - collectives,
         "sampling": sampling,
         "engine Python outside forward and sampling": wall - forward - sampling,
     }
@@ -87,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({generated / wall:.1f} output tok/s), {engine.runner.dtype}, {torch.get_num_threads()} threads")
     for name, t in shares.items():
         print(f"  {name:<62} {t:7.2f} s  {100 * t / wall:5.1f}%")
+    print(f"{steps} steps: {1e3 * forward / steps:.2f} ms of forward each, of which {1e3 * collectives / steps:.2f} ms "
+          f"in {calls / steps:.0f} collectives")
     return 0
 
 
