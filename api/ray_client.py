@@ -1,8 +1,9 @@
 """The engine-client interface over a Ray Serve deployment of engine replicas.
 
 The ingress holds one ReplicaEngineClient per model. It checks and tokenizes requests as every client
-does (engine/engine_client.py), then sends each as an EngineCall through the deployment's handle; the
-handle's request router (api/ray_router.py) picks a replica by the call's prompt tokens. The replica
+does (engine/engine_client.py), then sends each as an AddRequest (the engine core's own message) through
+the deployment's handle; the handle's request router (api/ray_router.py) picks a replica by the request's
+prompt tokens. The replica
 (EngineReplica, api/ray_serve.py) answers with a stream: Accepted or Refused first, then the request's
 output deltas, ending with the finished one or Failed. A replica that dies before it accepted a call is
 retried on another; one that dies mid-request fails that request alone.
@@ -31,6 +32,7 @@ from engine.engine_client import (
     RequestFailedError,
     RequestStream,
 )
+from engine.engine_core import AddRequest
 from engine.limits import InvalidRequestError
 from engine.llm_engine import EngineStats
 from engine.sampling_params import SamplingParams
@@ -51,17 +53,6 @@ class EngineInfo:
     model_config: ModelConfig
     tokenizer: Any
     max_model_len: int
-
-
-@dataclass
-class EngineCall:
-    """One request for an engine replica; the router reads prompt_token_ids."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    arrival_time: float
-    lora_name: str | None = None
 
 
 @dataclass
@@ -169,7 +160,7 @@ class ReplicaEngineClient(EngineClient):
     def _submit_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float, stream: RequestStream, lora_name: str | None) -> concurrent.futures.Future:
         added: concurrent.futures.Future = concurrent.futures.Future()
-        call = EngineCall(request_id, prompt_token_ids, params, arrival_time, lora_name)
+        call = AddRequest(request_id, prompt_token_ids, params, arrival_time, lora_name)
         task = asyncio.get_running_loop().create_task(self._serve(call, stream, added))
         self._tasks[request_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(request_id, None) if self._tasks.get(request_id) is task
@@ -194,7 +185,7 @@ class ReplicaEngineClient(EngineClient):
         future.set_exception(ValueError("LoRA adapters are not supported on Ray Serve replicas yet"))
         return future
 
-    async def _serve(self, call: EngineCall, stream: RequestStream, added: concurrent.futures.Future) -> None:
+    async def _serve(self, call: AddRequest, stream: RequestStream, added: concurrent.futures.Future) -> None:
         """Add the call on a replica (retrying one that died first), then pass its deltas to the stream."""
         replica, responses = None, None
         try:
@@ -226,7 +217,7 @@ class ReplicaEngineClient(EngineClient):
         finally:
             responses.cancel()  # a no-op once the replica's generator ended
 
-    async def _add(self, call: EngineCall) -> tuple[str, Any]:
+    async def _add(self, call: AddRequest) -> tuple[str, Any]:
         """Send the call; (the replica that accepted it, the rest of its responses)."""
         responses = self._generate.remote(call)
         try:
@@ -248,7 +239,7 @@ class ReplicaEngineClient(EngineClient):
         return first.replica, responses
 
 
-async def serve_call(engine: EngineClient, call: EngineCall, replica: str) -> Any:
+async def serve_call(engine: EngineClient, call: AddRequest, replica: str) -> Any:
     """The replica's side of a call: add it to the replica's engine and yield Accepted or Refused, then
     the request's deltas (without the prompt's ids: the ingress has them), or Failed."""
     try:

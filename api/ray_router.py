@@ -64,7 +64,7 @@ class PrefixIndex:
 
 
 def prompt_token_ids(pending_request: PendingRequest | None) -> list[int] | None:
-    """The token ids of the EngineCall a pending request carries (api/ray_client.py)."""
+    """The token ids of the AddRequest a pending request carries (engine/engine_core.py)."""
     if pending_request is None:
         return None
     return next((arg.prompt_token_ids for arg in pending_request.args if hasattr(arg, "prompt_token_ids")), None)

@@ -28,10 +28,11 @@ from ray.serve.handle import DeploymentHandle
 
 from engine.config import EngineConfig
 from engine.core_client import MPEngineClient
+from engine.engine_core import AddRequest
 
 from .model_spec import ModelSpec, model_config, model_id
 from .models import ModelRegistry
-from .ray_client import EngineCall, EngineInfo, ReplicaCollector, ReplicaEngineClient, serve_call
+from .ray_client import EngineInfo, ReplicaCollector, ReplicaEngineClient, serve_call
 from .ray_router import PrefixAwareRouter
 from .server import build_app
 
@@ -73,7 +74,7 @@ class EngineReplica:
         e = self.engine
         return EngineInfo(e.config, e.model_config, e.tokenizer, e.max_model_len)
 
-    async def generate(self, call: EngineCall) -> AsyncIterator[Any]:
+    async def generate(self, call: AddRequest) -> AsyncIterator[Any]:
         async for message in serve_call(self.engine, call, self.replica):
             yield message
 

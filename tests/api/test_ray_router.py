@@ -13,9 +13,9 @@ from ray.serve.request_router import ReplicaID  # noqa: E402
 
 from api import ray_serve  # noqa: E402
 from api.cli import main  # noqa: E402
-from api.ray_client import EngineCall  # noqa: E402
 from api.ray_router import PrefixAwareRouter, PrefixIndex, block_hashes  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
+from engine.engine_core import AddRequest  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 DEPLOYMENT = DeploymentID(name="engine-test", app_name="tokenmill")
@@ -47,7 +47,7 @@ def _replica(uid: str) -> SimpleNamespace:
 
 
 def _request(ids: list[int]) -> SimpleNamespace:
-    call = EngineCall("r", ids, SamplingParams(), 0.0)
+    call = AddRequest("r", ids, SamplingParams(), 0.0)
     return SimpleNamespace(args=[call], routing_context=SimpleNamespace(should_backoff=False))
 
 
