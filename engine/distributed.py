@@ -4,13 +4,15 @@ inputs sent to every rank.
 Rank 0 is the engine's own ModelRunner: the scheduler, the block manager and the sampler stay there.
 Each step it sends the packed inputs (StepInputs) to the other ranks, and every rank runs the same
 forward, meeting in the collectives of the layers (the all-reduces after o, down and the embedding, the
-logits' all-gather) over torch.distributed: NCCL on CUDA, gloo on CPU. Only rank 0 samples.
+logits' all-gather): NCCL on CUDA; on CPU through shared memory (engine/shm_collectives.py), with
+torch.distributed's gloo group for start-up and for tensors too large for its slots. Only rank 0 samples.
 
 The inputs go down one pipe per worker rather than through a broadcast: a worker waits for the next step
 for as long as the engine is idle, where a collective would time out, and a pipe reads EOF the moment the
 engine's process is gone. A worker dies with the engine (PR_SET_PDEATHSIG, and that EOF). A dead worker is
-an error on rank 0: before a step by its exit status, within one because the collective fails (gloo sees
-the peer's connection close) or times out after COLLECTIVE_TIMEOUT.
+an error on rank 0: before a step by its exit status; within one because a shared-memory collective
+checks its peers while it waits, gloo sees the peer's connection close, or the wait times out after
+COLLECTIVE_TIMEOUT.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ import os
 import pickle
 import signal
 import weakref
-from datetime import timedelta
 from multiprocessing.connection import Connection
 
 import torch
@@ -31,12 +32,10 @@ from .config import EngineConfig
 from .lifetime import die_with_parent
 from .loader import load_model_files
 from .model_runner import ModelRunner, StepInputs
+from .shm_collectives import COLLECTIVE_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
-# Ranks run in lockstep, so no collective waits long for a live peer; this bounds the wait for a hung one
-# (and for workers to join at start-up).
-COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
 
 class RankDiedError(RuntimeError):

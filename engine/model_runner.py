@@ -28,6 +28,7 @@ from .prompt_logprobs import compute_prompt_logprobs
 from .quantization import pack_linears
 from .request import Sequence
 from .scheduler import SchedulerOutput
+from .shm_collectives import ShmCollectives, supported_shm_device
 
 if TYPE_CHECKING:
     from .distributed import Workers
@@ -83,12 +84,12 @@ class ModelRunner:
         self.config = config
         self.model_config = model_config
         self.workers = workers
-        self.tp = TensorParallel(rank, config.tensor_parallel_size)
         self.device = config.torch_device()
+        self.dtype = config.torch_dtype()
+        self.tp = TensorParallel(rank, config.tensor_parallel_size, self._shm_collectives(model_config, workers))
         if self.device.type == "cuda" and self.tp.world_size > 1:
             self.device = torch.device("cuda", rank)
             torch.cuda.set_device(self.device)
-        self.dtype = config.torch_dtype()
         self.block_size = config.block_size
         self.ops = kernel_ops(self.device, config.cpu_kernels)
         with torch.device(self.device), _default_dtype(self.dtype):
@@ -123,6 +124,15 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and self.tp.world_size == 1:
             self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs,
                                               -(-max_model_len // self.block_size), self.device)
+
+    def _shm_collectives(self, model_config: ModelConfig, workers: Workers | None) -> ShmCollectives | None:
+        """CPU ranks' collectives through shared memory (collective: every rank's runner calls it), with
+        slots for a step's hidden states; None where torch.distributed's own serve."""
+        if self.config.tensor_parallel_size == 1 or not supported_shm_device(self.device):
+            return None
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return ShmCollectives(self.config.max_num_batched_tokens * model_config.hidden_size * elem,
+                              workers.raise_if_dead if workers is not None else None)
 
     def _bytes_per_block(self) -> int:
         c = self.model_config

@@ -3,8 +3,9 @@ Triton kernels on CUDA; on CPU the C++ ops where they build, else the plain-PyTo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -13,6 +14,9 @@ import torch.nn.functional as F
 
 from kernels import reference
 from kernels.reference import LoRAPlan
+
+if TYPE_CHECKING:
+    from ..shm_collectives import ShmCollectives
 
 
 def kernel_ops(device: torch.device, cpu_kernels: bool = True) -> ModuleType:
@@ -56,6 +60,7 @@ class TensorParallel:
 
     rank: int = 0
     world_size: int = 1
+    shm: ShmCollectives | None = field(default=None, compare=False)  # CPU ranks: used where a tensor fits
 
     def split(self, n: int) -> range:
         """This rank's part of n things split as evenly as possible (the first n % world_size get one more)."""
@@ -64,8 +69,11 @@ class TensorParallel:
         return range(start, start + size + (self.rank < extra))
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(x)
+        if self.world_size == 1:
+            return x
+        if self.shm is not None and self.shm.fits(x):
+            return self.shm.all_reduce(x)
+        dist.all_reduce(x)
         return x
 
     def gather_last_dim(self, x: torch.Tensor, total: int) -> torch.Tensor:
@@ -75,8 +83,11 @@ class TensorParallel:
             return x
         width = -(-total // self.world_size)
         padded = F.pad(x, (0, width - x.shape[-1])).contiguous()
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded)
+        if self.shm is not None and self.shm.fits(padded):
+            parts = self.shm.all_gather(padded)
+        else:
+            parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+            dist.all_gather(parts, padded)
         sizes = [len(TensorParallel(r, self.world_size).split(total)) for r in range(self.world_size)]
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
 
