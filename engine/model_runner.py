@@ -84,6 +84,7 @@ class ModelRunner:
         self.config = config
         self.model_config = model_config
         self.workers = workers
+        self.tp_broken: str | None = None  # why a tensor-parallel step ended early, leaving the ranks out of step
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
         self.tp = TensorParallel(rank, config.tensor_parallel_size, self._shm_collectives(model_config, workers))
@@ -204,11 +205,16 @@ class ModelRunner:
         if self.workers is None:
             logits, entries = self.run(inputs)
         else:
+            if self.tp_broken is not None:
+                raise RuntimeError(f"a tensor-parallel step ended early ({self.tp_broken}); the ranks are out "
+                                   "of step: restart the engine")
             self.workers.send(inputs)
             try:
                 logits, entries = self.run(inputs)
-            except RuntimeError as e:  # a collective failed: say which rank is gone, if one is
-                self.workers.raise_if_dead(e)
+            except BaseException as e:  # the other ranks may be mid-step: no step can follow this one
+                self.tp_broken = repr(e)
+                if isinstance(e, RuntimeError):  # a collective failed: say which rank is gone, if one is
+                    self.workers.raise_if_dead(e)
                 raise
         out = ModelRunnerOutput(logits, sample_seqs)
         i = 0

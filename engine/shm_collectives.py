@@ -56,17 +56,17 @@ class ShmCollectives:
         header = self.world_size * COUNTER_STRIDE * 8
         size = header + 2 * self.world_size * self.slot_bytes
         path = [self._create(size) if self.rank == 0 else None]
-        dist.broadcast_object_list(path, src=0)
+        try:
+            dist.broadcast_object_list(path, src=0)
+            if path[0]:
+                self._memory = torch.from_file(path[0], shared=True, size=size, dtype=torch.uint8)
+                dist.barrier()  # every rank has mapped it: the name can go, the mapping stays
+        finally:
+            if self.rank == 0 and path[0]:
+                os.unlink(path[0])
         if not path[0]:  # no room in /dev/shm: every collective goes through torch.distributed
             self.slot_bytes, size = 0, header
             self._memory = torch.zeros(size, dtype=torch.uint8)
-        else:
-            try:
-                self._memory = torch.from_file(path[0], shared=True, size=size, dtype=torch.uint8)
-            finally:
-                dist.barrier()  # every rank has mapped it: the name can go, the mapping stays
-                if self.rank == 0:
-                    os.unlink(path[0])
         # Waits poll through numpy: a torch op per poll would also flood a profiler's trace.
         self._counters = self._memory[:header].view(torch.int64)[::COUNTER_STRIDE].numpy()
         self._slots = self._memory[header:].view(2, self.world_size, self.slot_bytes)
@@ -78,7 +78,11 @@ class ShmCollectives:
         """The shared file, its pages reserved now (a tmpfs that fills up later would SIGBUS a write into
         a sparse one); "" where /dev/shm has no room for it."""
         path = os.path.join(SHM_DIR, f"tokenmill-tp-{uuid.uuid4().hex}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            logger.warning("tensor parallel: cannot create %s (%s); collectives use gloo", path, e)
+            return ""
         try:
             os.posix_fallocate(fd, 0, size)
         except OSError as e:
@@ -91,7 +95,7 @@ class ShmCollectives:
         return path
 
     def fits(self, x: torch.Tensor) -> bool:
-        return x.numel() * x.element_size() <= self.slot_bytes
+        return 0 < self.slot_bytes and x.numel() * x.element_size() <= self.slot_bytes
 
     def _exchange(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's x (same shape and dtype on all), as views valid until the next exchange but one."""

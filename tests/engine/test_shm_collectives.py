@@ -67,7 +67,7 @@ def _no_room(rank: int, world_size: int, port: int) -> None:
         raise OSError(28, "No space left on device")
     os.posix_fallocate = full  # this spawned process's only
     shm = ShmCollectives(slot_bytes=1024)
-    assert not shm.fits(torch.ones(1)), "with no room every collective goes through torch.distributed"
+    assert not shm.fits(torch.ones(1)) and not shm.fits(torch.ones(0)), "with no room, all go through gloo"
     dist.destroy_process_group()
 
 

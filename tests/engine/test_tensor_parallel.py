@@ -43,9 +43,18 @@ def _children() -> set[int]:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            if int(fields[1]) == os.getpid() and fields[0] != "Z" and not _is_resource_tracker(int(stat)):
                 pids.add(int(stat))
     return pids
+
+
+def _is_resource_tracker(pid: int) -> bool:
+    """multiprocessing's resource tracker: started by the first spawn in this process, and it stays."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"resource_tracker" in f.read()
+    except OSError:
+        return False
 
 
 def _checkpoint(name: str, tmp_path_factory, tokenizer) -> str:
@@ -135,6 +144,26 @@ def test_a_killed_rank_is_a_clear_error_not_a_hang(tiny):
         with pytest.raises(RuntimeError, match="tensor-parallel rank 1 .* was killed by SIGKILL"):
             llm.generate(PROMPTS, PARAMS, use_tqdm=False)
         assert time.monotonic() - began < 30
+    finally:
+        llm.engine.shutdown()
+
+
+def test_a_step_interrupted_on_rank_0_stops_later_steps(tiny):
+    """Ctrl-C mid-step leaves the workers inside the step's collectives: the next step must be refused, not
+    paired with their leftovers."""
+    llm = LLM(tiny, dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2)
+    runner = llm.engine.runner
+
+    def interrupted(inputs):
+        raise KeyboardInterrupt
+
+    try:
+        run, runner.run = runner.run, interrupted
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        runner.run = run
+        with pytest.raises(RuntimeError, match="ranks are out of step: restart the engine"):
+            llm.generate(PROMPTS, PARAMS, use_tqdm=False)
     finally:
         llm.engine.shutdown()
 
