@@ -37,7 +37,6 @@ from .shm_collectives import COLLECTIVE_TIMEOUT
 logger = logging.getLogger(__name__)
 
 
-
 class RankDiedError(RuntimeError):
     """A tensor-parallel worker process is gone: the engine cannot run another step."""
 

@@ -1,6 +1,6 @@
 """Collectives between tensor-parallel ranks on one host through shared memory, for CPU ranks.
 
-gloo's collectives cost about 1.5 ms a message on this project's VMs (RESULTS.md section 9), while a step
+gloo's all-reduce costs about 2 ms on this project's VMs (RESULTS.md section 9), while a step
 makes two all-reduces per layer of a few kilobytes each; a shared-memory exchange costs microseconds.
 vLLM's CPU backend replaces gloo the same way.
 
