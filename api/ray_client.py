@@ -3,10 +3,9 @@
 The ingress holds one ReplicaEngineClient per model. It checks and tokenizes requests as every client
 does (engine/engine_client.py), then sends each as an AddRequest (the engine core's own message) through
 the deployment's handle; the handle's request router (api/ray_router.py) picks a replica by the request's
-prompt tokens. The replica
-(EngineReplica, api/ray_serve.py) answers with a stream: Accepted or Refused first, then the request's
-output deltas, ending with the finished one or Failed. A replica that dies before it accepted a call is
-retried on another; one that dies mid-request fails that request alone.
+prompt tokens. The replica (EngineReplica, api/ray_serve.py) answers with a stream: Accepted or Refused
+first, then the request's output deltas, ending with the finished one or Failed. A replica that dies
+before it accepted a call is retried on another; one that dies mid-request fails that request alone.
 """
 from __future__ import annotations
 

@@ -51,6 +51,11 @@ class ReplicaSettings:
     cpus_per_replica: float = 1.0  # Ray CPUs each engine replica reserves; its engine's threads by default
     autoscaling: dict[str, Any] = dataclasses.field(default_factory=dict)  # more of Serve's autoscaling_config
 
+    @property
+    def most(self) -> int:
+        """The most replicas each model may run."""
+        return self.max_replicas or self.num_replicas
+
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
             raise ValueError(f"--num-replicas must be >= 1; got {self.num_replicas}")
@@ -114,7 +119,6 @@ def _deployment_name(spec: ModelSpec) -> str:
 
 def engine_options(config: EngineConfig, replicas: ReplicaSettings, name: str) -> dict[str, Any]:
     """Serve's options for one model's engine deployment."""
-    max_replicas = replicas.max_replicas or replicas.num_replicas
     # A CUDA replica reserves a GPU per rank, so Ray places it where they are free and makes them visible.
     gpus = config.tensor_parallel_size if config.torch_device().type == "cuda" else 0
     options: dict[str, Any] = dict(
@@ -123,10 +127,10 @@ def engine_options(config: EngineConfig, replicas: ReplicaSettings, name: str) -
         max_queued_requests=config.limits.max_waiting_seqs,
         request_router_config=RequestRouterConfig(request_router_class=PrefixAwareRouter,
                                                   request_router_kwargs={"block_size": config.block_size}))
-    if max_replicas > replicas.num_replicas:
+    if replicas.most > replicas.num_replicas:
         options["autoscaling_config"] = {
             "min_replicas": replicas.num_replicas, "initial_replicas": replicas.num_replicas,
-            "max_replicas": max_replicas,
+            "max_replicas": replicas.most,
             "target_ongoing_requests": replicas.target_ongoing_requests or config.max_num_seqs,
             **replicas.autoscaling}
     else:
@@ -145,7 +149,7 @@ def build_ray_app(base: EngineConfig, specs: list[ModelSpec], replicas: ReplicaS
             config = dataclasses.replace(config, num_threads=max(1, int(replicas.cpus_per_replica)))
         options = engine_options(config, replicas, _deployment_name(spec))
         engines.append((spec, serve.deployment(EngineReplica).options(**options).bind(config)))
-        capacity += options["max_ongoing_requests"] * (replicas.max_replicas or replicas.num_replicas)
+        capacity += options["max_ongoing_requests"] * replicas.most
     ingress = serve.deployment(OpenAIIngress).options(
         name="openai", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=capacity)
     return ingress.bind(engines, api_key, sse_ping_s, tool_call_parser)
