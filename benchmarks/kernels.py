@@ -76,8 +76,8 @@ def paged_batch(num_seqs: int, q_len: int, seq_len: int) -> dict[str, torch.Tens
 
 def check_correctness() -> None:
     """Every kernel against kernels.reference on a small mixed batch; stops the run on a mismatch."""
-    import kernels
-    from kernels import reference
+    from tokenmill import kernels
+    from tokenmill.kernels import reference
 
     errors = {}
     # Prefill, decode, chunked prefill and a 1-token sequence in one batch, on shuffled blocks.
@@ -127,7 +127,7 @@ def check_correctness() -> None:
 
 def attention_rows(decode: list[tuple[int, int]], prefill: list[tuple[int, int]]) -> list[dict]:
     """paged_attention vs SDPA; bytes count K/V/Q/out once, FLOPs count QK^T and PV over visible keys."""
-    import kernels
+    from tokenmill import kernels
 
     scale = HEAD_DIM ** -0.5
     elem = torch.finfo(DTYPE).bits // 8
@@ -162,8 +162,8 @@ def attention_rows(decode: list[tuple[int, int]], prefill: list[tuple[int, int]]
 
 def elementwise_rows() -> list[dict]:
     """The memory-bound kernels at a Llama-8B-like prefill of 8k tokens, next to their references."""
-    import kernels
-    from kernels import reference
+    from tokenmill import kernels
+    from tokenmill.kernels import reference
 
     tokens, hidden, inter = 8192, 4096, 14336
     elem = torch.finfo(DTYPE).bits // 8

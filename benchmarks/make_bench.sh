@@ -9,7 +9,7 @@ PORT=${BENCH_PORT:-8765}
 
 $PY benchmarks/throughput.py --num-requests 16 --hf-batch-sizes 8 --single-decode-tokens 64 --out "$OUT"
 
-$PY -m api.cli serve --host 127.0.0.1 --port "$PORT" --dtype float32 > "$OUT/bench-server.log" 2>&1 &
+$PY -m tokenmill.api.cli serve --host 127.0.0.1 --port "$PORT" --dtype float32 > "$OUT/bench-server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 120); do

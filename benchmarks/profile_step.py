@@ -24,9 +24,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.datasets import synthetic_requests  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
-from engine.config import QUANTIZATIONS  # noqa: E402
-from engine.models.layers import TensorParallel  # noqa: E402
+from tokenmill.engine import LLM, SamplingParams  # noqa: E402
+from tokenmill.engine.config import QUANTIZATIONS  # noqa: E402
+from tokenmill.engine.models.layers import TensorParallel  # noqa: E402
 
 # torch's matmuls and tokenmill's linears (packed float32, int4 and int8 groups)
 MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm",

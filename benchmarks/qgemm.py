@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere in a checkout
 
-from engine.quantization import GROUP_SIZE, Int4Linear, Int4Planes, Int8GroupLinear, Int8Groups  # noqa: E402
-from kernels import cpu  # noqa: E402
+from tokenmill.engine.weights.quantization import GROUP_SIZE, Int4Linear, Int4Planes, Int8GroupLinear, Int8Groups  # noqa: E402
+from tokenmill.kernels import cpu  # noqa: E402
 
 SHAPES = [("576->1536 (int4)", 576, 1536), ("LM head 576->49152 (Q8_0)", 576, 49152)]
 

@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.datasets import _CORPUS  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
-from engine.config import default_model_path  # noqa: E402
-from engine.loader import load_gguf_tokenizer  # noqa: E402
-from engine.models.layers import AttentionMetadata  # noqa: E402
+from tokenmill.engine import LLM, SamplingParams  # noqa: E402
+from tokenmill.engine.config import default_model_path  # noqa: E402
+from tokenmill.engine.models.layers import AttentionMetadata  # noqa: E402
+from tokenmill.engine.weights.loader import load_gguf_tokenizer  # noqa: E402
 
 MODES = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("auto", "int8"),
          "int4": ("auto", "int4"), "gguf": ("auto", "gguf")}

@@ -25,7 +25,7 @@ run() {  # NAME META CMD...
   done
 }
 
-SERVE=($PY -m api.cli serve --host 127.0.0.1 --port $PORT --max-num-seqs 64)
+SERVE=($PY -m tokenmill.api.cli serve --host 127.0.0.1 --port $PORT --max-num-seqs 64)
 run tokenmill-1process "replicas=0 threads=$CPUS" "${SERVE[@]}"
 run tokenmill-ray-1replica "replicas=1 threads=$CPUS" "${SERVE[@]}" --ray --num-replicas 1 --cpus-per-replica "$CPUS"
 run "tokenmill-ray-${REPLICAS}replicas" "replicas=$REPLICAS threads=$((CPUS / REPLICAS))" "${SERVE[@]}" --ray \

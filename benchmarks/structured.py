@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere in a checkout
 
-from engine import LLM, SamplingParams, structured_output  # noqa: E402
+from tokenmill.engine import LLM, SamplingParams, structured_output  # noqa: E402
 
 # A non-trivial schema: nested object, enum, bounded array, numbers and strings.
 SCHEMA = {

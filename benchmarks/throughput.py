@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.datasets import random_token_prompts, synthetic_requests  # noqa: E402
 from benchmarks.report import environment, save_json  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
-from engine.config import default_model_path  # noqa: E402
+from tokenmill.engine import LLM, SamplingParams  # noqa: E402
+from tokenmill.engine.config import default_model_path  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

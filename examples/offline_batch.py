@@ -5,7 +5,7 @@
 import argparse
 from pathlib import Path
 
-from engine import LLM, SamplingParams
+from tokenmill.engine import LLM, SamplingParams
 
 
 def main() -> None:

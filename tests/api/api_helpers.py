@@ -10,11 +10,11 @@ import time
 import httpx
 import uvicorn
 
-from engine.config import EngineConfig, ModelConfig
-from engine.engine_client import EngineClient
-from engine.limits import RequestLimits
-from engine.llm_engine import EngineStats
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tokenmill.engine.config import EngineConfig, ModelConfig
+from tokenmill.engine.core.engine_client import EngineClient
+from tokenmill.engine.core.llm_engine import EngineStats
+from tokenmill.engine.limits import RequestLimits
+from tokenmill.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 API_KEY = "test-key-123"
 
@@ -71,8 +71,8 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool
 
 def engine_generate(engine: EngineClient, prompt, **params):
     """The oracle for the HTTP layer: the same engine driven directly, without HTTP."""
-    from engine.outputs import RequestOutput
-    from engine.sampling_params import SamplingParams
+    from tokenmill.engine.outputs import RequestOutput
+    from tokenmill.engine.sampling.sampling_params import SamplingParams
 
     async def go():
         final = None
@@ -98,7 +98,8 @@ class ServeProcess:
         self.port = free_port()
         self.log_file = open(log_path, "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            [sys.executable, "-m", "tokenmill.api.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             *args],
             cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), **(env or {})}, stdout=self.log_file,
             stderr=subprocess.STDOUT, text=True)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers=headers, timeout=120)

@@ -10,9 +10,9 @@ import openai
 import pytest
 from api_helpers import API_KEY, ServerThread
 
-from api.server import build_app
-from engine.async_engine import AsyncLLMEngine
-from engine.config import EngineConfig
+from tokenmill.api.server import build_app
+from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.core.async_engine import AsyncLLMEngine
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from api_helpers import ServeProcess, wait_until
 
-from api.cli import build_parser, engine_config, main, parse_size
+from tokenmill.api.args import build_parser, engine_config, parse_size
+from tokenmill.api.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "env-key"

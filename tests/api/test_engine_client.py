@@ -6,10 +6,10 @@ import asyncio
 import pytest
 from api_helpers import ScriptedEngine
 
-from engine.async_engine import AsyncLLMEngine
-from engine.engine_client import EngineDeadError, EngineOverloadedError, RequestFailedError
-from engine.limits import InvalidRequestError
-from engine.sampling_params import SamplingParams
+from tokenmill.engine.core.async_engine import AsyncLLMEngine
+from tokenmill.engine.core.engine_client import EngineDeadError, EngineOverloadedError, RequestFailedError
+from tokenmill.engine.limits import InvalidRequestError
+from tokenmill.engine.sampling.sampling_params import SamplingParams
 
 
 def run(engine: ScriptedEngine, scenario):

@@ -7,8 +7,8 @@ import json
 import httpx
 from api_helpers import ScriptedEngine, ServeProcess, ServerThread, wait_until
 
-from api.server import build_app
-from engine.async_engine import AsyncLLMEngine
+from tokenmill.api.server import build_app
+from tokenmill.engine.core.async_engine import AsyncLLMEngine
 
 
 def test_serve_exits_non_zero_after_its_engine_dies_and_streams_hear_why(tmp_path):

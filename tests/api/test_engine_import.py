@@ -7,11 +7,15 @@ BLOCK_WEB = """
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("fastapi", "uvicorn", "starlette", "sse_starlette", "prometheus_client", "api"):
+        web = name.split(".")[0] in ("fastapi", "uvicorn", "starlette", "sse_starlette", "prometheus_client")
+        if web or name == "tokenmill.api" or name.startswith("tokenmill.api."):
             raise ImportError(f"{name} is blocked in this test")
 sys.meta_path.insert(0, Block())
-import engine, engine.async_engine, engine.core_client, engine.engine_core
-from engine import LLM, LLMEngine, SamplingParams
+import importlib, pkgutil
+import tokenmill.engine
+for module in pkgutil.walk_packages(tokenmill.engine.__path__, "tokenmill.engine."):
+    importlib.import_module(module.name)
+from tokenmill import LLM, SamplingParams
 print("ok")
 """
 

@@ -19,11 +19,11 @@ import httpx
 import pytest
 from api_helpers import ServeProcess, ServerThread, free_port, wait_until
 
-from api.server import build_app
-from engine.async_engine import AsyncLLMEngine
-from engine.config import EngineConfig, default_model_path
-from engine.core_client import MPEngineClient
-from engine.loader import load_gguf_tokenizer
+from tokenmill.api.server import build_app
+from tokenmill.engine.config import EngineConfig, default_model_path
+from tokenmill.engine.core.async_engine import AsyncLLMEngine
+from tokenmill.engine.core.core_client import MPEngineClient
+from tokenmill.engine.weights.loader import load_gguf_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=64, intermediate_size=128,
@@ -182,7 +182,7 @@ def test_the_engine_process_dies_with_the_server_even_by_sigkill(tmp_path, tiny_
 def test_a_model_that_cannot_load_gives_the_loaders_message(tmp_path):
     model = tmp_path / "not-a-model"  # exists (the CLI checks that itself), but holds no model
     model.mkdir()
-    out = subprocess.run([sys.executable, "-m", "api.cli", "serve", str(model), "--port", str(free_port())],
+    out = subprocess.run([sys.executable, "-m", "tokenmill.api.cli", "serve", str(model), "--port", str(free_port())],
                          cwd=REPO, capture_output=True, text=True, timeout=180)
     assert out.returncode == 1, out.stderr
     assert out.stderr.strip().splitlines()[-1] == (

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from api_helpers import ServerThread, scrape, wait_until
 
-from api.server import build_app
+from tokenmill.api.server import build_app
 
 CHAT = {"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 2}
 COMPLETION = {"prompt": "Hello", "max_tokens": 2}
@@ -86,7 +86,7 @@ def test_a_client_that_hangs_up_mid_stream_is_aborted_promptly(pinging_server, h
 
 
 def test_a_request_that_fails_in_the_engine_is_a_500_naming_it_and_harms_no_other(http, engine, monkeypatch):
-    from engine.faults import FaultInjector
+    from tokenmill.engine.faults import FaultInjector
 
     good = {"prompt": "The weather today", "temperature": 0, "max_tokens": 16, "ignore_eos": True}
     want = http.post("/v1/completions", json=good).json()["choices"][0]["text"]
@@ -110,8 +110,8 @@ def test_a_request_that_fails_in_the_engine_is_a_500_naming_it_and_harms_no_othe
 
 def test_sse_data_is_one_line_for_every_line_reader():
     # Found by the 30-minute soak: generated text with U+2028 split an event for httpx's iter_lines.
-    from api.protocol import CompletionChoice
-    from api.serving import sse_json
+    from tokenmill.api.protocol import CompletionChoice
+    from tokenmill.api.serving import sse_json
 
     text = "a\u2028b\x85c\u2029d\ne\rf"
     data = sse_json(CompletionChoice(index=0, text=text))

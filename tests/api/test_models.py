@@ -18,11 +18,11 @@ import torch
 from api_helpers import ServeProcess, wait_until
 from safetensors.torch import save_file
 
-from api.cli import build_parser, model_specs
-from api.model_spec import ModelSpec, model_config
-from api.models import estimate_memory
-from engine.config import EngineConfig, default_model_path
-from engine.loader import load_model_files
+from tokenmill.api.args import build_parser, model_specs
+from tokenmill.api.model_spec import ModelSpec, model_config
+from tokenmill.api.models import estimate_memory
+from tokenmill.engine.config import EngineConfig, default_model_path
+from tokenmill.engine.weights.loader import load_model_files
 
 ADMIN = "admin-secret"
 PATH = default_model_path()

@@ -11,12 +11,12 @@ pytest.importorskip("ray")
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID  # noqa: E402
 from ray.serve.request_router import ReplicaID  # noqa: E402
 
-from api import ray_serve  # noqa: E402
-from api.cli import main  # noqa: E402
-from api.ray_router import PrefixAwareRouter, PrefixIndex, block_hashes  # noqa: E402
-from engine.config import EngineConfig  # noqa: E402
-from engine.engine_core import AddRequest  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+from tokenmill.api import ray_serve  # noqa: E402
+from tokenmill.api.cli import main  # noqa: E402
+from tokenmill.api.ray_router import PrefixAwareRouter, PrefixIndex, block_hashes  # noqa: E402
+from tokenmill.engine.config import EngineConfig  # noqa: E402
+from tokenmill.engine.core.engine_core import AddRequest  # noqa: E402
+from tokenmill.engine.sampling.sampling_params import SamplingParams  # noqa: E402
 
 DEPLOYMENT = DeploymentID(name="engine-test", app_name="tokenmill")
 

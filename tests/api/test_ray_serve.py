@@ -22,9 +22,9 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from api.model_spec import ModelSpec  # noqa: E402
-from api.ray_serve import APP_NAME, ReplicaSettings, build_ray_app  # noqa: E402
-from engine.config import EngineConfig, default_model_path  # noqa: E402
+from tokenmill.api.model_spec import ModelSpec  # noqa: E402
+from tokenmill.api.ray_serve import APP_NAME, ReplicaSettings, build_ray_app  # noqa: E402
+from tokenmill.engine.config import EngineConfig, default_model_path  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ _others: set[int] = set()  # engine processes of other tests, alive before the c
 
 
 def engine_processes() -> set[int]:
-    """Live tokenmill engine processes on this machine (named by engine/lifetime.py), but other tests'."""
+    """Live tokenmill engine processes on this machine (named by engine/core/lifetime.py), but other tests'."""
     pids = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:

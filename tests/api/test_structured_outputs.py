@@ -7,7 +7,7 @@ import json
 
 from pydantic import BaseModel
 
-from engine.limits import RequestLimits
+from tokenmill.engine.limits import RequestLimits
 
 MESSAGES = [{"role": "user", "content": "Give me a person as JSON."}]
 

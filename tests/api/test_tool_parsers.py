@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from api.errors import APIError
-from api.protocol import ChatCompletionRequest
-from api.tool_parsers import (
+from tokenmill.api.errors import APIError
+from tokenmill.api.protocol import ChatCompletionRequest
+from tokenmill.api.tool_parsers import (
     ForcedCallsParser,
     HermesParser,
     Llama3JsonParser,
@@ -15,7 +15,7 @@ from api.tool_parsers import (
     ToolCallStream,
     format_for_template,
 )
-from api.tools import ToolRequest, conversation, template_knows_tools
+from tokenmill.api.tools import ToolRequest, conversation, template_knows_tools
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -175,7 +175,7 @@ NATIVE = ("{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }
 
 
 def test_a_template_that_knows_tools_renders_them_through_transformers():
-    from engine.loader import default_model_path, load_gguf_tokenizer
+    from tokenmill.engine.weights.loader import default_model_path, load_gguf_tokenizer
 
     req = _request(tools=[WEATHER], messages=HISTORY)
     turns, tools = conversation(req.messages, ToolRequest.from_request(req), NATIVE, format_for_template(NATIVE))

@@ -12,7 +12,7 @@ from benchmarks import gpu_report, throughput
 from benchmarks.datasets import random_token_prompts
 from benchmarks.exactness import tokenmill_greedy, transformers_greedy
 from benchmarks.random_checkpoint import write_random_llama
-from engine import LLM, SamplingParams
+from tokenmill.engine import LLM, SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
 

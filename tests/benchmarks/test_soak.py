@@ -84,7 +84,7 @@ def test_soak_60s_leaves_no_violation(tmp_path):
     env.pop("TOKENMILL_API_KEY", None)  # the key comes from the flag
     with open(log_path, "w") as log:  # a file: a full pipe would block the server
         proc = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "tokenmill.api.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
              "--dtype", "float32", "--kv-cache-memory", "128MiB", "--max-num-seqs", "16", "--max-model-len", "1024",
              "--max-queue-len", "4",  # small, so that overload answers (503 + Retry-After) occur
              "--api-key", KEY],

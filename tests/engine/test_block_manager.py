@@ -1,10 +1,10 @@
 """Block pool bookkeeping: prefix hits, LRU eviction, reference counts, collision-proof block keys."""
 import hashlib
 
-import engine.block_manager as block_manager
-from engine.block_manager import BlockManager, hash_block
-from engine.request import Sequence
-from engine.sampling_params import SamplingParams
+import tokenmill.engine.core.block_manager as block_manager
+from tokenmill.engine.core.block_manager import BlockManager, hash_block
+from tokenmill.engine.core.request import Sequence
+from tokenmill.engine.sampling.sampling_params import SamplingParams
 
 
 def make_seq(ids, name="s"):

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.cuda_graph import DecodeGraphs, graph_batch_sizes
+from tokenmill.engine import LLM, SamplingParams
+from tokenmill.engine.executor.cuda_graph import DecodeGraphs, graph_batch_sizes
 
 TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=64,
                   intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling_params import SamplingParams
+from tokenmill.engine.sampling.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.sampling.sampling_params import SamplingParams
 
 TEXT = (
     "Hello there! Here's a mix: 😀 smile, 👍🏽 thumbs, family 👨‍👩‍👧‍👦, flag 🇫🇷. "

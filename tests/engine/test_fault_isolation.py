@@ -3,7 +3,7 @@ the batch gives exactly the tokens it gives alone, the failing one ends with an 
 every KV block comes back. Also: the engine hands out deltas, and min_tokens with a stop string works."""
 import pytest
 
-from engine import LLM, SamplingParams
+from tokenmill.engine import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 GOOD = ["The capital of France is", "def fibonacci(n):", "List three colors:"]

@@ -8,11 +8,11 @@ import torch
 from gguf_files import write_llama_gguf
 from hf_oracle import assert_matches_transformers
 
-from engine import LLM, SamplingParams
-from engine.loader import load_model_files
-from engine.models.layers import rope_inv_freq
-from engine.models.llama import LlamaForCausalLM
-from kernels import reference
+from tokenmill.engine import LLM, SamplingParams
+from tokenmill.engine.models.layers import rope_inv_freq
+from tokenmill.engine.models.llama import LlamaForCausalLM
+from tokenmill.engine.weights.loader import load_model_files
+from tokenmill.kernels import reference
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.config import default_model_path
+from tokenmill.engine import LLM, SamplingParams
+from tokenmill.engine.config import default_model_path
 
 PROMPTS = [
     "Once upon a time",

@@ -11,17 +11,17 @@ import torch
 from hf_oracle import assert_matches_transformers
 from safetensors.torch import save_file
 
-from engine import LLM, SamplingParams
-from engine.async_engine import AsyncLLMEngine
-from engine.block_manager import BlockManager
-from engine.core_client import MPEngineClient
-from engine.cuda_graph import DecodeGraphs
-from engine.limits import InvalidRequestError
-from engine.lora import SUPPORTED_MODULES
-from engine.models.layers import LoRAContext, LoRALinear
-from engine.quantization import Int8Linear, quantize_int8
-from engine.request import Sequence
-from kernels import reference
+from tokenmill.engine import LLM, SamplingParams
+from tokenmill.engine.core.async_engine import AsyncLLMEngine
+from tokenmill.engine.core.block_manager import BlockManager
+from tokenmill.engine.core.core_client import MPEngineClient
+from tokenmill.engine.core.request import Sequence
+from tokenmill.engine.executor.cuda_graph import DecodeGraphs
+from tokenmill.engine.limits import InvalidRequestError
+from tokenmill.engine.models.layers import LoRAContext, LoRALinear
+from tokenmill.engine.weights.lora import SUPPORTED_MODULES
+from tokenmill.engine.weights.quantization import Int8Linear, quantize_int8
+from tokenmill.kernels import reference
 
 transformers = pytest.importorskip("transformers")
 

@@ -2,7 +2,7 @@
 import pytest
 from hf_oracle import assert_matches_transformers, random_checkpoint
 
-from engine import LLM, SamplingParams
+from tokenmill.engine import LLM, SamplingParams
 
 transformers = pytest.importorskip("transformers")
 

@@ -2,10 +2,10 @@
 their common full blocks once, and sample exactly what they sample without prefix caching."""
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.block_manager import BlockManager
-from engine.request import Sequence
-from engine.scheduler import Scheduler
+from tokenmill.engine import LLM, SamplingParams
+from tokenmill.engine.core.block_manager import BlockManager
+from tokenmill.engine.core.request import Sequence
+from tokenmill.engine.core.scheduler import Scheduler
 
 TEXT = ("The history of the Roman Empire spans many centuries, beginning with the founding of the city and "
         "ending with the fall of Constantinople. Historians divide it into periods such as the Principate, "

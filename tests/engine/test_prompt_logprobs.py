@@ -4,7 +4,7 @@ import pytest
 import torch
 from hf_oracle import assert_prompt_logprobs_match_transformers
 
-from engine import LLM, SamplingParams
+from tokenmill.engine import LLM, SamplingParams
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from test_llm import PROMPTS
 
-from engine import LLM, SamplingParams
-from engine.quantization import (
+from tokenmill.engine import LLM, SamplingParams
+from tokenmill.engine.weights.quantization import (
     GROUP_SIZE,
     Int4Linear,
     Int4Planes,

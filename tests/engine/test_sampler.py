@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.sampler import Sampler, SamplerOutput, SamplingMetadata, process_logits
-from engine.sampling_params import SamplingParams
+from tokenmill.engine.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, process_logits
+from tokenmill.engine.sampling.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
 

@@ -4,10 +4,10 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager
-from engine.request import Sequence, Status
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from tokenmill.engine.core.block_manager import BlockManager
+from tokenmill.engine.core.request import Sequence, Status
+from tokenmill.engine.core.scheduler import Scheduler
+from tokenmill.engine.sampling.sampling_params import SamplingParams
 
 
 def check_invariants(sched: Scheduler, live: list[Sequence]) -> None:

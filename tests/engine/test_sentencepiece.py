@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.tokenization_utils_base import generate_merges
 
-from engine import LLM, SamplingParams
-from engine.detokenizer import IncrementalDetokenizer
-from engine.loader import load_gguf_tokenizer
+from tokenmill.engine import LLM, SamplingParams
+from tokenmill.engine.sampling.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.weights.loader import load_gguf_tokenizer
 
 gguf = pytest.importorskip("gguf")
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.shm_collectives import SHM_DIR, ShmCollectives, supported_shm_device
+from tokenmill.engine.executor.shm_collectives import SHM_DIR, ShmCollectives, supported_shm_device
 
 pytestmark = pytest.mark.skipif(not supported_shm_device(torch.device("cpu")), reason="x86 with /dev/shm only")
 

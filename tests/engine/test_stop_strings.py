@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.stop_strings import StopMatcher, failure_function
+from tokenmill.engine.sampling.stop_strings import StopMatcher, failure_function
 
 
 def oracle(text: str, stops: list[str], include: bool) -> tuple[str, str | None]:

@@ -8,10 +8,10 @@ import threading
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.async_engine import AsyncLLMEngine
-from engine.limits import InvalidRequestError, RequestLimits
-from engine.structured_output import StructuredOutputsParams
+from tokenmill.engine import LLM, SamplingParams
+from tokenmill.engine.core.async_engine import AsyncLLMEngine
+from tokenmill.engine.limits import InvalidRequestError, RequestLimits
+from tokenmill.engine.sampling.structured_output import StructuredOutputsParams
 
 pytest.importorskip("xgrammar")
 

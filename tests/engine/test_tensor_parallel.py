@@ -9,9 +9,9 @@ import time
 import pytest
 from hf_oracle import random_checkpoint
 
-from engine import LLM, SamplingParams
-from engine.config import EngineConfig
-from engine.models.layers import TensorParallel, split_heads
+from tokenmill.engine import LLM, SamplingParams
+from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.models.layers import TensorParallel, split_heads
 
 transformers = pytest.importorskip("transformers")
 

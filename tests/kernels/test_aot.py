@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import aot, attention  # noqa: E402
+from tokenmill.kernels import aot, attention  # noqa: E402
 
 
 def _attention_picks(launches) -> set:
@@ -62,7 +62,7 @@ def test_compiles_one_variant_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "90", "--jobs", "1",
+    run = subprocess.run([sys.executable, "-m", "tokenmill.kernels.aot", "--arch", "90", "--jobs", "1",
                           "--only", "_merge_splits_kernel sm_90 SmolLM2-135M float16 NUM_SPLITS=2 "],
                          capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -72,7 +72,7 @@ def test_compiles_one_variant_for_sm90():
 
 _BATCH_OF_ONE = """
 import torch
-from kernels import aot, attention
+from tokenmill.kernels import aot, attention
 model, keys = aot.MODELS[0], []
 torch.set_default_device("meta")
 for num_seqs in (1, 5):

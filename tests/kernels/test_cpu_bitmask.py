@@ -4,13 +4,13 @@ vocab that is not a multiple of 32 and a mask wider than the logits."""
 import pytest
 import torch
 
-from kernels import cpu, reference
+from tokenmill.kernels import cpu, reference
 
 xgr = pytest.importorskip("xgrammar")
 if not cpu.load():
     pytest.skip("the C++ CPU ops did not build here (see the warning logged)", allow_module_level=True)
 
-from kernels.cpu import ops  # noqa: E402  (only importable once the library loaded)
+from tokenmill.kernels.cpu import ops  # noqa: E402  (only importable once the library loaded)
 
 
 def grammar_like_mask(batch: int, words: int) -> torch.Tensor:

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from kernel_utils import rel_err
 
-from engine.quantization import DenseLinear, Int4Linear, quantize_int4
-from kernels import cpu
+from tokenmill.engine.weights.quantization import DenseLinear, Int4Linear, quantize_int4
+from tokenmill.kernels import cpu
 
 if not cpu.load():
     pytest.skip("the C++ CPU ops did not build here (see the warning logged)", allow_module_level=True)

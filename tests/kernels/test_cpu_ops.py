@@ -6,13 +6,13 @@ import pytest
 import torch
 from kernel_utils import rel_err, tolerance
 
-from engine.models.layers import kernel_ops
-from kernels import cpu, reference
+from tokenmill.engine.models.layers import kernel_ops
+from tokenmill.kernels import cpu, reference
 
 if not cpu.load():
     pytest.skip("the C++ CPU ops did not build here (see the warning logged)", allow_module_level=True)
 
-from kernels.cpu import ops  # noqa: E402  (only importable once the library loaded)
+from tokenmill.kernels.cpu import ops  # noqa: E402  (only importable once the library loaded)
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -147,7 +147,7 @@ def test_cpu_kernels_off_gives_the_reference_and_on_gives_the_cpp_ops():
 
 
 def test_failed_build_warns_once_and_reports_unavailable(monkeypatch, tmp_path, caplog):
-    from kernels.cpu import build
+    from tokenmill.kernels.cpu import build
 
     def no_compiler(library):
         raise RuntimeError("no compiler")

@@ -4,8 +4,15 @@ import pytest
 import torch
 from kernel_utils import rel_err, tolerance
 
-from engine.quantization import GROUP_SIZE, Int4Linear, Int8GroupLinear, Int8Groups, pack_int4, quantize_int4
-from kernels import cpu
+from tokenmill.engine.weights.quantization import (
+    GROUP_SIZE,
+    Int4Linear,
+    Int8GroupLinear,
+    Int8Groups,
+    pack_int4,
+    quantize_int4,
+)
+from tokenmill.kernels import cpu
 
 if not cpu.load():
     pytest.skip("the C++ CPU ops did not build here (see the warning logged)", allow_module_level=True)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from kernel_utils import DEVICE, rel_err, tolerance
 
-import kernels
-from kernels import attention, reference
+from tokenmill import kernels
+from tokenmill.kernels import attention, reference
 
 NUM_KV_HEADS = 2
 # (q_len, seq_len) per sequence: full prefill, decode, prefill after a cached prefix / chunked prefill,

@@ -4,8 +4,8 @@ import pytest
 import torch
 from kernel_utils import DEVICE, rel_err, tolerance
 
-import kernels
-from kernels import reference
+from tokenmill import kernels
+from tokenmill.kernels import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -1,0 +1,110 @@
+"""Every error as OpenAI's error object, with OpenAI's status codes.
+
+400 bad values, types and JSON (FastAPI's 422 included) and requests over a limit; 401 bad API key;
+404 unknown model or path; 503 with Retry-After when the queue is full; 503 while shutting down or
+once the engine is dead; 500 for a request that failed inside the engine (its message names it) and
+for bugs, logged with the request id.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tokenmill.engine.core.engine_client import EngineDeadError, EngineOverloadedError, EngineStoppedError
+from tokenmill.engine.limits import InvalidRequestError
+
+from .protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger("tokenmill.api")
+
+
+class APIError(Exception):
+    """An error the client caused or can act on, rendered as OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                             code=self.code))
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
+
+
+# Errors with their own handler below; anything else reaching a handler is a bug.
+EXPECTED_ERRORS = (APIError, RequestValidationError, StarletteHTTPException, InvalidRequestError,
+                   EngineOverloadedError, EngineStoppedError, EngineDeadError)
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def _field_path(loc: tuple) -> str:
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    err = exc.errors()[0]
+    kind, path = err.get("type", ""), _field_path(tuple(err.get("loc", ())))
+    if kind == "json_invalid":
+        detail = (err.get("ctx") or {}).get("error", "")
+        return bad_request(f"the request body is not valid JSON: {detail}".rstrip(": "))
+    if kind == "missing" and path == "":
+        return bad_request("the request body is missing: send a JSON object")
+    if kind == "model_attributes_type" and path == "":
+        return bad_request("the request body must be a JSON object (with Content-Type: application/json)")
+    message = err.get("msg", "invalid value").removeprefix("Value error, ")
+    return bad_request(f"{path}: {message}" if path else message, param=path or None)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    @app.exception_handler(InvalidRequestError)
+    async def _invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        return bad_request(str(exc), exc.param).response()
+
+    @app.exception_handler(EngineOverloadedError)
+    async def _overloaded(request: Request, exc: EngineOverloadedError) -> JSONResponse:
+        return APIError(503, str(exc), type="server_error", code="overloaded",
+                        headers={"Retry-After": str(exc.retry_after)}).response()
+
+    @app.exception_handler(EngineStoppedError)
+    @app.exception_handler(EngineDeadError)
+    async def _unavailable(request: Request, exc: RuntimeError) -> JSONResponse:
+        return APIError(503, str(exc), type="server_error", code="unavailable").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        return APIError(exc.status_code, message, code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        return internal_error(request).response()
+
+
+def internal_error(request: Request) -> APIError:
+    """A 500 for a bug: the details go to the log under the request id, not to the client."""
+    rid = getattr(request.state, "request_id", "-")
+    logger.exception("internal error in request %s", rid)
+    return APIError(500, f"internal server error (request id {rid}); the server log has the details",
+                    type="server_error")

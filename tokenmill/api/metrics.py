@@ -1,0 +1,144 @@
+"""Prometheus metrics with vLLM's names under the `tokenmill:` prefix, and the per-request log line.
+
+Gauges and counters are read from the engine's latest stats snapshot at scrape time (a custom
+collector), so the engine thread does no metrics work; latency histograms are observed as each
+request's outputs reach the server.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from tokenmill.engine.core.llm_engine import EngineStats
+from tokenmill.engine.outputs import RequestOutput
+
+logger = logging.getLogger("tokenmill.api")
+
+PREFIX = "tokenmill:"
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+# (kind, name, help, EngineStats field) of the engine's gauges and counters.
+_ENGINE_METRICS = [
+    (GaugeMetricFamily, "num_requests_running", "Sequences in the running batch.", "num_running"),
+    (GaugeMetricFamily, "num_requests_waiting", "Sequences waiting to be scheduled.", "num_waiting"),
+    (GaugeMetricFamily, "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", "kv_cache_usage"),
+    (CounterMetricFamily, "prompt_tokens_total", "Prompt tokens received.", "prompt_tokens"),
+    (CounterMetricFamily, "generation_tokens_total", "Tokens generated.", "generation_tokens"),
+    (CounterMetricFamily, "num_preemptions_total", "Sequences preempted for lack of KV blocks.", "num_preemptions"),
+    (CounterMetricFamily, "prefix_cache_queries_total", "Blocks looked up in the prefix cache.",
+     "prefix_cache_queries"),
+    (CounterMetricFamily, "prefix_cache_hits_total", "Blocks found in the prefix cache.", "prefix_cache_hits"),
+]
+
+
+# Each served model's (name, version) labels and its engine's latest EngineStats, read at scrape time.
+EngineStatsSource = Callable[[], list[tuple[list[str], EngineStats]]]
+
+
+class _EngineStatsCollector(Collector):
+    """Every served model's engine stats, labelled with its name and version."""
+
+    def __init__(self, engine_stats: EngineStatsSource):
+        self.engine_stats = engine_stats
+
+    def collect(self) -> Iterator:
+        models = self.engine_stats()
+        label_names = ["model_name", "version"]
+
+        for kind, name, doc, field in _ENGINE_METRICS:
+            family = kind(PREFIX + name, doc, labels=label_names)
+            for labels, stats in models:
+                family.add_metric(labels, getattr(stats, field))
+            yield family
+        success = CounterMetricFamily(PREFIX + "request_success_total", "Finished sequences by reason.",
+                                      labels=[*label_names, "finished_reason"])
+        for labels, stats in models:
+            for reason, count in sorted(stats.finished_reasons.items()):
+                success.add_metric([*labels, reason], count)
+        yield success
+
+
+class ServerMetrics:
+    """One CollectorRegistry per app, so two apps in one process (as in the tests) do not collide."""
+
+    def __init__(self, engine_stats: EngineStatsSource):
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineStatsCollector(engine_stats))
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(PREFIX + name, doc, ["model_name", "version"], registry=self.registry,
+                             buckets=_LATENCY_BUCKETS)
+
+        self.time_to_first_token = histogram("time_to_first_token_seconds", "Time to first token.")
+        self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between output tokens.")
+        self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.")
+
+    def for_model(self, name: str, version: str | None) -> ModelMetrics:
+        return ModelMetrics(self, name, version or "")
+
+
+class ModelMetrics:
+    """One model's latency histograms."""
+
+    def __init__(self, metrics: ServerMetrics, name: str, version: str):
+        self.time_to_first_token = metrics.time_to_first_token.labels(name, version)
+        self.inter_token_latency = metrics.inter_token_latency.labels(name, version)
+        self.e2e_request_latency = metrics.e2e_request_latency.labels(name, version)
+
+    def tracker(self, request_id: str) -> RequestTracker:
+        return RequestTracker(self, request_id)
+
+
+class RequestTracker:
+    """Follows one engine request's output deltas: latency histograms and the log line when it ends."""
+
+    def __init__(self, metrics: ModelMetrics, request_id: str):
+        self.metrics = metrics
+        self.request_id = request_id
+        self.last: RequestOutput | None = None
+        self._last_time = 0.0
+        self._num_tokens: dict[int, int] = {}  # per sample
+        self._reasons: dict[int, str] = {}
+
+    def update(self, delta: RequestOutput) -> None:
+        now = time.time()
+        before = max(self._num_tokens.values(), default=0)
+        for o in delta.outputs:
+            self._num_tokens[o.index] = self._num_tokens.get(o.index, 0) + len(o.token_ids)
+            if o.finish_reason:
+                self._reasons[o.index] = o.finish_reason
+        length = max(self._num_tokens.values(), default=0)
+        if self.last is None:
+            self.metrics.time_to_first_token.observe(now - delta.metrics.arrival_time)
+        elif length > before:  # several tokens may arrive together when the reader lags
+            gap = (now - self._last_time) / (length - before)
+            for _ in range(length - before):
+                self.metrics.inter_token_latency.observe(gap)
+        self.last, self._last_time = delta, now
+        if delta.finished:
+            self.metrics.e2e_request_latency.observe(now - delta.metrics.arrival_time)
+            self._log("failed" if delta.error else "finished")
+
+    def close(self) -> None:
+        """The stream ended; if the request had not finished, the client left and it was aborted."""
+        if self.last is None or not self.last.finished:
+            self._log("aborted")
+
+    def _log(self, status: str) -> None:
+        out = self.last
+        if out is None:
+            logger.info("request %s %s before its first token", self.request_id, status)
+            return
+        m = out.metrics
+        ttft = (m.first_token_time - m.arrival_time) if m.first_token_time else float("nan")
+        reasons = ",".join(self._reasons[i] for i in sorted(self._reasons))
+        logger.info("request %s %s (%s): prompt %d tokens, output %d tokens, TTFT %.3fs, total %.3fs",
+                    self.request_id, status, reasons, len(out.prompt_token_ids),
+                    sum(self._num_tokens.values()), ttft, time.time() - m.arrival_time)
