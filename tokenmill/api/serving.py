@@ -35,6 +35,7 @@ from tokenmill.engine.sampling.sampling_params import SamplingParams
 
 from .errors import APIError, bad_request
 from .metrics import ModelMetrics
+from .output_parser import OutputParser
 from .protocol import ChatMessage, ErrorInfo, ErrorResponse, PromptLogprob, SamplingFields, UsageInfo
 from .tool_parsers import TOOL_FORMATS, format_for_template
 from .tools import ToolRequest, conversation
@@ -119,6 +120,12 @@ class OpenAIServing:
         self.tool_format = (TOOL_FORMATS[tool_call_parser]() if tool_call_parser
                             else format_for_template(getattr(self.tokenizer, "chat_template", None)))
         self.system_fingerprint = "fp_" + hashlib.sha256(f"tokenmill-{model_name}".encode()).hexdigest()[:10]
+
+    def output_parser(self, tools: ToolRequest | None) -> OutputParser:
+        """A parser for one choice of a reply to a request that offers these tools (None: no tools)."""
+        if tools is None:
+            return OutputParser()
+        return OutputParser(tools.parser(self.tool_format), None if tools.parallel else 1)
 
     # ---- request -> engine -----------------------------------------------------------------
 

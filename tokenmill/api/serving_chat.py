@@ -36,7 +36,7 @@ from .serving import (
     sse_response,
     stream_usage_flags,
 )
-from .tool_parsers import ToolCall, ToolCallStream, ToolParser
+from .tool_parsers import ToolCall
 from .tools import ToolRequest
 
 
@@ -59,21 +59,20 @@ class ServingChat:
         request_id = raw.state.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         field = "tool_choice" if tool_constraint else constraint_field(req)
         streams = await s.start(request_id, [prompt], params, arrival, "messages", field)
-        parser = tools.parser(s.tool_format) if tools else None
         if req.stream:
-            return sse_response(self._chunks(req, request_id, streams, tools, parser), request_id, s.sse_ping_s,
-                                streams)
+            return sse_response(self._chunks(req, request_id, streams, tools), request_id, s.sse_ping_s, streams)
         finals = await cancel_on_disconnect(raw, s.final_outputs(streams))
         if finals is None:
             return Response(status_code=499)  # the client left; nobody reads this
         choices = []
         for o in finals[0].outputs:
-            content, calls = parser.parse(o.text) if parser else (o.text, [])
-            calls = tools.kept(calls) if tools else calls
+            reply = s.output_parser(tools).parse(o.text)
+            calls = reply.tool_calls
+            content = reply.content if reply.content is not None or calls else ""
             message = ChatResponseMessage(content=content, tool_calls=[_call(c) for c in calls] or None)
             choices.append(ChatChoice(index=o.index, message=message,
                                       logprobs=self._logprobs(req, o.token_ids, o.logprobs),
-                                      finish_reason=_finish_reason(o.finish_reason, calls),
+                                      finish_reason=_finish_reason(o.finish_reason, bool(calls)),
                                       stop_reason=o.stop_reason,
                                       token_ids=o.token_ids if req.return_token_ids else None))
         return ChatCompletionResponse(id=request_id, model=s.model_name, system_fingerprint=s.system_fingerprint,
@@ -83,7 +82,7 @@ class ServingChat:
                                       prompt_token_ids=finals[0].prompt_token_ids if req.return_token_ids else None)
 
     async def _chunks(self, req: ChatCompletionRequest, request_id: str, streams: list[RequestStream],
-                      tools: ToolRequest | None, parser: ToolParser | None) -> AsyncIterator[ChatCompletionChunk]:
+                      tools: ToolRequest | None) -> AsyncIterator[ChatCompletionChunk]:
         s, created, usage = self.serving, int(time.time()), UsageInfo()
         include_usage, continuous = stream_usage_flags(req)
 
@@ -99,26 +98,26 @@ class ServingChat:
             yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
                         usage.model_copy() if continuous else None,
                         streams[0].prompt_token_ids if req.return_token_ids and i == 0 else None)
-        # Each choice's text goes through its tool-call stream: content as it comes, calls at the end.
-        tool_streams = {i: ToolCallStream(parser) for i in range(req.n)} if parser else {}
+        # Each choice's text goes through its output parser; a choice that made calls finishes with them.
+        parsers = {i: s.output_parser(tools) for i in range(req.n)}
+        made_calls = set()
         async for d in s.deltas(streams, req.n, req.logprobs, usage):
-            content, calls = d.text, []
-            if parser:
-                content = tool_streams[d.index].feed(d.text)
-                if d.finish_reason:
-                    rest, calls = tool_streams[d.index].finish()
-                    content, calls = content + rest, tools.kept(calls)
+            out = parsers[d.index].feed(d.text)
+            if d.finish_reason:
+                out += parsers[d.index].finish()
+            if out.tool_calls:
+                made_calls.add(d.index)
             logprobs = self._logprobs(req, d.token_ids, d.logprobs)
             token_ids = d.token_ids if req.return_token_ids else None
-            if not (content or calls or d.finish_reason or logprobs or token_ids):
+            if not (out or d.finish_reason or logprobs or token_ids):
                 continue
-            delta = DeltaMessage(content=content if content or not calls else None, tool_calls=[
-                DeltaToolCall(index=i, id=c.id, type="function",
+            delta = DeltaMessage(content=out.content if out.content or not out.tool_calls else None, tool_calls=[
+                DeltaToolCall(index=c.index, id=c.id, type="function" if c.id else None,
                               function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
-                for i, c in enumerate(calls)] or None)
+                for c in out.tool_calls] or None)
             choice = ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs,
-                                     finish_reason=_finish_reason(d.finish_reason, calls), stop_reason=d.stop_reason,
-                                     token_ids=token_ids)
+                                     finish_reason=_finish_reason(d.finish_reason, d.index in made_calls),
+                                     stop_reason=d.stop_reason, token_ids=token_ids)
             yield chunk([choice], usage.model_copy() if continuous else None)
         if include_usage:
             yield chunk([], usage)
@@ -137,9 +136,9 @@ def _call(call: ToolCall) -> ChatToolCall:
     return ChatToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
-def _finish_reason(reason: str | None, calls: list[ToolCall]) -> str | None:
+def _finish_reason(reason: str | None, made_calls: bool) -> str | None:
     """A reply that ended by itself with tool calls finished to call them."""
-    return "tool_calls" if calls and reason == "stop" else reason
+    return "tool_calls" if made_calls and reason == "stop" else reason
 
 
 def _reject_unsupported(req: ChatCompletionRequest) -> None:
