@@ -3,7 +3,7 @@
 # no server packages, no model files: every model is random):
 #   kernels-tests  tests/kernels/test_triton_*.py compiled on the GPU (TRITON_INTERPRET unset)
 #   exactness      greedy tokens of a random Llama checkpoint, tokenmill vs transformers, float32 and bf16
-#   kernels        benchmarks/kernels.py: the Triton kernels against torch's SDPA and references
+#   kernels        benchmarks/triton_kernels.py: the Triton kernels against torch's SDPA and references
 #   throughput     benchmarks/throughput.py, dummy weights, nano-vllm's workload (256 requests of random
 #                  ids, input and output lengths 100..1024) on Qwen3-0.6B and Llama-3-8B
 # then benchmarks/gpu_report.py writes OUT/summary.md and OUT/summary.json.
@@ -96,7 +96,7 @@ if selected exactness; then
     fi
 fi
 if selected kernels; then
-    step kernels "$PY" benchmarks/kernels.py --out "$OUT/kernels.json" "${QUICK_FLAG[@]}"
+    step kernels "$PY" benchmarks/triton_kernels.py --out "$OUT/kernels.json" "${QUICK_FLAG[@]}"
 fi
 if selected throughput; then
     requests=256

@@ -46,13 +46,13 @@ def test_dry_run_prints_every_part_and_writes_only_the_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr
     commands = [line for line in r.stdout.splitlines() if line.startswith("+ ")]
     expected = ["-m pytest", "tests/kernels/test_triton_attention.py", "random_checkpoint.py", "exactness.py",
-                "kernels.py --out", "configs/qwen3-0.6b.json", "configs/llama-3-8b.json", "gpu_report.py"]
+                "triton_kernels.py --out", "configs/qwen3-0.6b.json", "configs/llama-3-8b.json", "gpu_report.py"]
     for part in expected:
         assert any(part in c for c in commands), f"no command with {part!r} in {commands}"
     runs = [c for c in commands if "throughput.py" in c]
     assert len(runs) == 2 and all("--random-ids 100\\,1024" in c and "--hf-batch-sizes ''" in c
                                   and "--num-requests 64" in c and "--load-format dummy" in c for c in runs)
-    assert all("--quick" in c for c in commands if "exactness.py" in c or "kernels.py" in c)
+    assert all("--quick" in c for c in commands if "exactness.py" in c or "triton_kernels.py" in c)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # nothing else ran
     assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
 
@@ -61,7 +61,7 @@ def test_dry_run_of_one_part_prints_that_part_and_the_report(tmp_path):
     r = gpu_sh("--dry-run", "--only", "kernels", "--out", str(tmp_path))
     commands = [line for line in r.stdout.splitlines() if line.startswith("+ ")]
     assert r.returncode == 0 and len(commands) == 2
-    assert "benchmarks/kernels.py" in commands[0] and "gpu_report.py" in commands[1]
+    assert "benchmarks/triton_kernels.py" in commands[0] and "gpu_report.py" in commands[1]
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +99,10 @@ def test_workload_is_nano_vllms_256_requests_of_100_to_1024_tokens():
 
 
 def test_gpu_sh_modules_import_without_server_or_gguf_packages():
-    blocked = ["fastapi", "uvicorn", "sse_starlette", "gguf", "api"]
+    blocked = ["fastapi", "uvicorn", "sse_starlette", "gguf", "tokenmill.api"]
     code = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
-            + "import benchmarks.throughput, benchmarks.exactness, benchmarks.kernels, benchmarks.gpu_report, "
-              "benchmarks.random_checkpoint, kernels.attention\n")
+            + "import benchmarks.throughput, benchmarks.exactness, benchmarks.triton_kernels, benchmarks.gpu_report, "
+              "benchmarks.random_checkpoint, tokenmill.kernels.attention\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr

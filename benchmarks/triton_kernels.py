@@ -5,7 +5,7 @@ Checks every kernel against kernels.reference first, then times them with triton
 paged_attention runs side by side with torch's scaled_dot_product_attention on the same data laid
 out contiguously: decode at batch 64-256 over 512-8k contexts, prefill of 1-8 sequences of 512-4k tokens.
 
-    python benchmarks/kernels.py --out kernels.json [--quick]
+    python benchmarks/triton_kernels.py --out kernels.json [--quick]
 """
 from __future__ import annotations
 
@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two decode and two prefill cases only")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU and compiled Triton (TRITON_INTERPRET unset); "
+        raise SystemExit("benchmarks/triton_kernels.py needs a CUDA GPU and compiled Triton (TRITON_INTERPRET unset); "
                          "on CPU, run the kernel tests instead: pytest tests/kernels")
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
