@@ -11,9 +11,10 @@ import httpx
 import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message as SDKMessage
-from api_helpers import API_KEY, scrape, wait_until
+from api_helpers import API_KEY, ServerThread, scrape, wait_until
 
 from tokenmill.api.output_parser import OutputDelta, ToolCallDelta
+from tokenmill.api.server import build_app
 from tokenmill.api.serving_messages import ContentBlocks
 
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -118,6 +119,17 @@ def test_a_streamed_message_equals_the_whole_one(claude, model_name, http):
     assert names[1:-2] == ["content_block_start", *["content_block_delta"] * (len(names) - 5), "content_block_stop"]
     assert events[0][1]["message"]["content"] == [] and events[0][1]["message"]["stop_reason"] is None
     assert events[-2][1]["usage"]["output_tokens"] == 4 and events[-2][1]["delta"]["stop_reason"] == "max_tokens"
+
+
+def test_keep_alives_are_ping_events_that_the_sdk_skips(engine, server, model_name):
+    with ServerThread(build_app(engine, owns_engine=False, sse_ping_s=0.02)) as pinging:
+        body = {"model": model_name, "messages": STORY, "max_tokens": 24, "stream": True}
+        with httpx.stream("POST", f"{pinging.url}/v1/messages", json=body, timeout=60) as r:
+            raw = r.read().decode()
+        assert "event: ping\ndata: {\"type\": \"ping\"}\n\n" in raw
+        with anthropic.Anthropic(base_url=pinging.url, api_key="unused", max_retries=0) as c:
+            text, final = streamed(c, model_name, STORY, max_tokens=24)
+    assert final.usage.output_tokens == 24 and text == final.content[0].text
 
 
 def _fits_weather(value: dict) -> bool:

@@ -57,8 +57,8 @@ if TYPE_CHECKING:
     from .models import ModelRegistry
 
 # Anthropic's stream framing: named events, no end marker, `event: ping` keep-alives, Anthropic's error event.
-_FRAMING = SSEFraming(named=True, done=False, ping=lambda: ServerSentEvent(event="ping", data='{"type": "ping"}'),
-                      error=stream_error)
+_FRAMING = SSEFraming(named=True, done=False, error=stream_error,
+                      ping=lambda: ServerSentEvent(data='{"type": "ping"}', event="ping", sep="\n"))
 
 
 class ContentBlocks:
