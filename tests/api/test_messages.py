@@ -238,6 +238,13 @@ def test_reasoning_is_left_out_unless_thinking_is_asked_for():
     assert [b.type for b in blocks.blocks] == ["text", "tool_use", "tool_use"]
 
 
+def test_a_call_cut_off_mid_input_ends_with_an_empty_input():
+    blocks = ContentBlocks(thinking=False)
+    blocks.add(OutputDelta(tool_calls=[ToolCallDelta(0, "call_a", "get_weather", '{"city": "Pa')]))
+    blocks.close()
+    assert blocks.blocks[0].input == {}
+
+
 # ---- auth --------------------------------------------------------------------------------------
 
 def test_x_api_key_is_accepted_where_a_key_is_required(secure_server):

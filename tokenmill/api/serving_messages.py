@@ -101,7 +101,7 @@ class ContentBlocks:
         if self._open == "thinking":  # Anthropic ends each thinking block with its signature; ours is empty
             events.append(ContentBlockDeltaEvent(index=index, delta=SignatureDelta(signature="")))
         elif self._open == "tool_use":
-            self.blocks[index].input = json.loads(self._input) if self._input else {}
+            self.blocks[index].input = _input_object(self._input)
             self._input = ""
         self._open = None
         return [*events, ContentBlockStopEvent(index=index)]
@@ -124,6 +124,16 @@ class ContentBlocks:
         else:
             block.thinking += delta.thinking
         return [*events, ContentBlockDeltaEvent(index=len(self.blocks) - 1, delta=delta)]
+
+
+def _input_object(text: str) -> dict:
+    """A tool_use block's input from its JSON text. A call cut off by max_tokens leaves the text incomplete;
+    its input is then empty (the stream has already sent the pieces it had)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def stop_reason(finish_reason: str | None, matched: int | str | None,
