@@ -178,6 +178,27 @@ def test_a_tool_result_goes_back_and_gets_a_reply(claude, model_name, http):
     assert second.usage.input_tokens == want["count"]
     counted = claude.messages.count_tokens(model=model_name, messages=history, tools=[WEATHER])
     assert counted.input_tokens == want["count"]
+    # A failed call's result says so: the only way a chat template can tell.
+    failed = [*history[:2], {"role": "user", "content": [{**result, "content": "no such city", "is_error": True}]}]
+    chat_turns[-1]["content"] = "Error: no such city"
+    want = http.post("/tokenize", json={"messages": chat_turns, "tools": [as_openai_tool(WEATHER)]}).json()
+    assert claude.messages.count_tokens(model=model_name, messages=failed, tools=[WEATHER]).input_tokens == \
+        want["count"]
+
+
+def test_output_config_format_gives_json_that_fits_the_schema(claude, model_name):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+              "additionalProperties": False}
+    message = create(claude, model_name, ASK, max_tokens=40,
+                     output_config={"format": {"type": "json_schema", "schema": schema}})
+    value = json.loads(message.content[0].text)
+    assert set(value) == {"city"} and isinstance(value["city"], str) and message.stop_reason == "end_turn"
+
+
+def test_thinking_is_accepted_and_without_a_reasoning_parser_changes_nothing(claude, model_name):
+    plain = create(claude, model_name, STORY, max_tokens=6)
+    thinking = create(claude, model_name, STORY, max_tokens=6, thinking={"type": "enabled", "budget_tokens": 1024})
+    assert without_ids(thinking) == without_ids(plain)
 
 
 def test_count_tokens_is_the_prompt_that_messages_renders(claude, model_name, http):
@@ -288,6 +309,11 @@ ERRORS = [
     ("/v1/messages", {"messages": STORY, "max_tokens": 2, "tools": [WEATHER],
                       "tool_choice": {"type": "tool", "name": "get_time"}}, 400, "invalid_request_error",
      "not among the tools"),
+    ("/v1/messages", {"messages": STORY, "max_tokens": 2, "tools": [WEATHER], "tool_choice": {"type": "any"},
+                      "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, 400,
+     "invalid_request_error", "output_config.format cannot be combined with a tool_choice"),
+    ("/v1/messages", {"messages": STORY, "max_tokens": 2, "thinking": {"type": "enabled", "budget_tokens": 10}}, 400,
+     "invalid_request_error", "thinking.enabled.budget_tokens"),
     ("/v1/messages", {"messages": STORY, "max_tokens": 2, "model": "claude-opus-4"}, 404, "not_found_error",
      "does not exist"),
     ("/v1/messages", '{"messages": [', 400, "invalid_request_error", "not valid JSON"),
