@@ -17,7 +17,7 @@ from schemathesis import GenerationMode, checks
 # Every operation in the schema; test_every_operation_is_fuzzed keeps the list complete.
 OPERATIONS = [("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
               ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
-              ("POST", "/detokenize")]
+              ("POST", "/detokenize"), ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")]
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
           checks.response_headers_conformance, checks.response_schema_conformance]
 
@@ -63,7 +63,8 @@ def test_every_operation_is_fuzzed(api_schema) -> None:
 # valid requests happen to ask for one.
 CASES = ([(method, path, GenerationMode.POSITIVE, False) for method, path in OPERATIONS]
          + [(method, path, GenerationMode.NEGATIVE, False) for method, path in OPERATIONS if method == "POST"]
-         + [("POST", path, GenerationMode.POSITIVE, True) for path in ("/v1/completions", "/v1/chat/completions")])
+         + [("POST", path, GenerationMode.POSITIVE, True)
+            for path in ("/v1/completions", "/v1/chat/completions", "/v1/messages")])
 
 
 @pytest.mark.parametrize(("method", "path", "mode", "stream"), CASES,

@@ -3,7 +3,8 @@
 400 bad values, types and JSON (FastAPI's 422 included) and requests over a limit; 401 bad API key;
 404 unknown model or path; 503 with Retry-After when the queue is full; 503 while shutting down or
 once the engine is dead; 500 for a request that failed inside the engine (its message names it) and
-for bugs, logged with the request id.
+for bugs, logged with the request id. The Anthropic Messages routes render the same errors in
+Anthropic's shape (api/errors_anthropic.py).
 """
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenmill.engine.core.engine_client import EngineDeadError, EngineOverloadedError, EngineStoppedError
+from tokenmill.engine.core.engine_client import (
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineStoppedError,
+    RequestFailedError,
+)
 from tokenmill.engine.limits import InvalidRequestError
 
 from .protocol import ErrorInfo, ErrorResponse
@@ -68,43 +74,45 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return bad_request(f"{path}: {message}" if path else message, param=path or None)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
-
-    @app.exception_handler(InvalidRequestError)
-    async def _invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:
-        return bad_request(str(exc), exc.param).response()
-
-    @app.exception_handler(EngineOverloadedError)
-    async def _overloaded(request: Request, exc: EngineOverloadedError) -> JSONResponse:
+def api_error(exc: Exception, request_id: str) -> APIError:
+    """The APIError an exception answers with, whatever API renders it; anything unexpected is a bug:
+    a 500 whose details go to the log under the request id, not to the client."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return validation_error(exc)
+    if isinstance(exc, InvalidRequestError):
+        return bad_request(str(exc), exc.param)
+    if isinstance(exc, EngineOverloadedError):
         return APIError(503, str(exc), type="server_error", code="overloaded",
-                        headers={"Retry-After": str(exc.retry_after)}).response()
-
-    @app.exception_handler(EngineStoppedError)
-    @app.exception_handler(EngineDeadError)
-    async def _unavailable(request: Request, exc: RuntimeError) -> JSONResponse:
-        return APIError(503, str(exc), type="server_error", code="unavailable").response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+                        headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, EngineStoppedError | EngineDeadError):
+        return APIError(503, str(exc), type="server_error", code="unavailable")
+    if isinstance(exc, RequestFailedError):  # this request alone failed in the engine; its message names it
+        return APIError(500, str(exc), type="server_error")
+    if isinstance(exc, StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        message = f"{exc.detail}: {request.method} {request.url.path}"
-        return APIError(exc.status_code, message, code=code).response()
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        return internal_error(request).response()
+        return APIError(exc.status_code, exc.detail, code=code)
+    return _bug(request_id)
 
 
 def internal_error(request: Request) -> APIError:
     """A 500 for a bug: the details go to the log under the request id, not to the client."""
-    rid = getattr(request.state, "request_id", "-")
-    logger.exception("internal error in request %s", rid)
-    return APIError(500, f"internal server error (request id {rid}); the server log has the details",
+    return _bug(getattr(request.state, "request_id", "-"))
+
+
+def _bug(request_id: str) -> APIError:
+    logger.exception("internal error in request %s", request_id)
+    return APIError(500, f"internal server error (request id {request_id}); the server log has the details",
                     type="server_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        error = api_error(exc, getattr(request.state, "request_id", "-"))
+        if isinstance(exc, StarletteHTTPException):  # which path was not found, or had no such method
+            error.message = f"{error.message}: {request.method} {request.url.path}"
+        return error.response()
+
+    for kind in (*EXPECTED_ERRORS, Exception):
+        app.add_exception_handler(kind, handle)

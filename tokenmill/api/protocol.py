@@ -429,8 +429,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _sse_content(*events: type[BaseModel]) -> dict[str, Any]:
-    """text/event-stream as OpenAI frames it: `data: <JSON>` events (one of `events`), then `data: [DONE]`.
+def sse_content(*events: type[BaseModel], named: bool = False) -> dict[str, Any]:
+    """text/event-stream as OpenAI frames it: `data: <JSON>` events (one of `events`), then `data: [DONE]`;
+    named, as Anthropic frames it: each event also has `event: <its type>`, and there is no end marker.
 
     The events' schemas are inlined: FastAPI lists only the models that routes declare among the
     schema's components, and the chunk models are declared nowhere else.
@@ -444,14 +445,18 @@ def _sse_content(*events: type[BaseModel]) -> dict[str, Any]:
                 k: inline(v) for k, v in node.items()}
         return [inline(v) for v in node] if isinstance(node, list) else node
 
-    data = {"anyOf": [{"const": "[DONE]"},
-                      {"type": "string", "contentMediaType": "application/json", "contentSchema": inline(schema)}]}
-    return {"text/event-stream": {"itemSchema": {"type": "object", "required": ["data"],
-                                                 "properties": {"data": data}}}}
+    json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": inline(schema)}
+    if named:
+        item = {"type": "object", "required": ["event", "data"],
+                "properties": {"event": {"type": "string"}, "data": json_data}}
+    else:
+        item = {"type": "object", "required": ["data"],
+                "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
+    return {"text/event-stream": {"itemSchema": item}}
 
 
 def generate_responses(stream_chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """A generate route's responses: the route's JSON model, or with stream=true an event stream of
     `stream_chunk`s (and an error event if generation fails after the status line)."""
     return {200: {"description": "The response; with stream=true, an event stream of chunks",
-                  "content": _sse_content(stream_chunk, ErrorResponse)}, **ERROR_RESPONSES}
+                  "content": sse_content(stream_chunk, ErrorResponse)}, **ERROR_RESPONSES}

@@ -41,6 +41,7 @@ from .protocol import (
     TokenizeResponse,
     generate_responses,
 )
+from .serving_messages import messages_router
 from .tools import ToolRequest
 
 logger = logging.getLogger("tokenmill.api")
@@ -111,7 +112,7 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(models.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    api = APIRouter(dependencies=[Depends(bearer_key_check(api_key))], route_class=_Route,
+    api = APIRouter(dependencies=[Depends(bearer_key_check(api_key, x_api_key=True))], route_class=_Route,
                     responses=ERROR_RESPONSES)
 
     def card(m: ServedModel) -> ModelCard:
@@ -159,6 +160,7 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
             return DetokenizeResponse(prompt=await m.engine.decode(req.tokens))
 
     app.include_router(api)
+    app.include_router(messages_router(models, api_key))
     if admin_key is not None:
         app.include_router(admin_router(models, admin_key, route_class=_Route))
     return app

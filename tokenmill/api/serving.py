@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from tokenmill.engine.core.engine_client import (
     EngineClient,
@@ -319,13 +319,39 @@ def stream_usage_flags(req: SamplingFields) -> tuple[bool, bool]:
     return (bool(opts and opts.include_usage), bool(opts and opts.include_usage and opts.continuous_usage_stats))
 
 
+def _openai_error(e: Exception, request_id: str) -> ErrorResponse:
+    if isinstance(e, EngineOverloadedError):
+        return ErrorResponse(error=ErrorInfo(message=str(e), type="server_error", code="overloaded"))
+    if isinstance(e, EngineStoppedError | EngineDeadError):
+        return ErrorResponse(error=ErrorInfo(message=str(e), type="server_error", code="unavailable"))
+    if isinstance(e, RequestFailedError):
+        return ErrorResponse(error=ErrorInfo(message=str(e), type="server_error"))
+    logger.exception("internal error in request %s", request_id)
+    return ErrorResponse(error=ErrorInfo(message=f"internal server error (request id {request_id})",
+                                         type="server_error"))
+
+
+@dataclass(frozen=True)
+class SSEFraming:
+    """How a stream goes on the wire. OpenAI's (the default): one `data: {json}` event per chunk, then
+    `data: [DONE]`, with `: ping` comments. Named (Anthropic's): each event also carries `event: <its
+    type field>`; done=False ends the stream without a marker; ping gives a keep-alive event."""
+
+    named: bool = False
+    done: bool = True
+    ping: Callable[[], ServerSentEvent] | None = None  # None: a `: ping` comment
+    # The error event's body for an exception raised after the status line (given the request id).
+    error: Callable[[Exception, str], BaseModel] = _openai_error
+
+
 def sse_response(chunks: AsyncGenerator[BaseModel, None], request_id: str, ping_s: float,
-                 streams: list[RequestStream]) -> EventSourceResponse:
-    """OpenAI's framing (one `data: {json}` event per chunk, an error event if one occurs, then
-    `data: [DONE]`), with a `: ping` comment every ping_s seconds so that proxies keep an idle stream
-    open while the request waits in the queue or prefills. However the response ends (a client that
-    hangs up, even before the first chunk), the engine requests behind `streams` end with it."""
-    return EventSourceResponse(_sse_events(chunks, request_id, streams), ping=ping_s, sep="\n")
+                 streams: list[RequestStream], framing: SSEFraming = SSEFraming()) -> EventSourceResponse:
+    """The chunks as an event stream (OpenAI's framing by default), with an error event if one occurs,
+    and a keep-alive every ping_s seconds so that proxies keep an idle stream open while the request
+    waits in the queue or prefills. However the response ends (a client that hangs up, even before
+    the first chunk), the engine requests behind `streams` end with it."""
+    return EventSourceResponse(_sse_events(chunks, request_id, streams, framing), ping=ping_s, sep="\n",
+                               ping_message_factory=framing.ping)
 
 
 # JSON leaves U+0085, U+2028 and U+2029 raw inside strings, but line readers that follow
@@ -339,30 +365,22 @@ def sse_json(model: BaseModel) -> str:
 
 
 async def _sse_events(chunks: AsyncGenerator[BaseModel, None], request_id: str,
-                      streams: list[RequestStream]) -> AsyncIterator[dict]:
+                      streams: list[RequestStream], framing: SSEFraming) -> AsyncIterator[dict]:
     # Plain dicts take the response's separator ("\n", as OpenAI's own streams use).
+    def event(model: BaseModel) -> dict:
+        return {"event": model.type, "data": sse_json(model)} if framing.named else {"data": sse_json(model)}
+
     try:
         async for chunk in chunks:
-            yield {"data": sse_json(chunk)}
-    except EngineOverloadedError as e:
-        yield _error_event(ErrorInfo(message=str(e), type="server_error", code="overloaded"))
-    except (EngineStoppedError, EngineDeadError) as e:
-        yield _error_event(ErrorInfo(message=str(e), type="server_error", code="unavailable"))
-    except RequestFailedError as e:
-        yield _error_event(ErrorInfo(message=str(e), type="server_error"))
-    except Exception:  # the status line is already sent: report the bug in the stream
-        logger.exception("internal error in request %s", request_id)
-        yield _error_event(ErrorInfo(message=f"internal server error (request id {request_id})",
-                                     type="server_error"))
+            yield event(chunk)
+    except Exception as e:  # the status line is already sent: report the error in the stream
+        yield event(framing.error(e, request_id))
     finally:
         await chunks.aclose()
         for stream in streams:
             stream.abort()
-    yield {"data": "[DONE]"}
-
-
-def _error_event(info: ErrorInfo) -> dict:
-    return {"data": sse_json(ErrorResponse(error=info))}
+    if framing.done:
+        yield {"data": "[DONE]"}
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:
