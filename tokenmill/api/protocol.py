@@ -308,6 +308,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None
+    reasoning_content: str | None = Field(None, exclude_if=lambda v: v is None)  # with --reasoning-parser
     tool_calls: list[ChatToolCall] | None = Field(None, exclude_if=lambda v: v is None)
 
 
@@ -350,6 +351,7 @@ class DeltaMessage(BaseModel):
     # OpenAI sends the role only in a choice's first chunk.
     role: str | None = Field(None, exclude_if=lambda v: v is None)
     content: str | None = None
+    reasoning_content: str | None = Field(None, exclude_if=lambda v: v is None)
     tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=lambda v: v is None)
 
 
