@@ -98,9 +98,11 @@ class SamplingFields(OpenAIModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     # vLLM's request extensions: per prompt token its logprob and the top-N (N in [0, 20], not with stream),
-    # the prompt cut to its last k tokens (-1: the model's context), and the token ids in the response.
+    # the prompt cut to k tokens (-1: the model's context; its last ones, or with truncation_side "right" its
+    # first), and the token ids in the response.
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
+    truncation_side: Literal["left", "right"] | None = None
     return_token_ids: bool | None = None
 
 
@@ -278,7 +280,7 @@ class CompletionChoice(BaseModel):
     stop_reason: int | str | None = None  # vLLM's: the stop string or token id that matched
     token_ids: list[int] | None = _unset()  # return_token_ids; in a stream, each chunk's new ones
     prompt_token_ids: list[int] | None = _unset()  # return_token_ids; in a stream, in a choice's first chunk
-    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = _unset()
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None  # always there, as vLLM sends it
 
 
 class CompletionResponse(BaseModel):
@@ -329,7 +331,7 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str
     choices: list[ChatChoice]
     usage: UsageInfo
-    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = _unset()
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None  # always there, as vLLM sends it
     prompt_token_ids: list[int] | None = _unset()
 
 

@@ -48,7 +48,7 @@ logger = logging.getLogger("tokenmill.api")
 _SAMPLING_FIELDS = ("n", "stop", "seed", "temperature", "top_p", "frequency_penalty", "presence_penalty",
                     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
                     "skip_special_tokens", "include_stop_str_in_output", "prompt_logprobs",
-                    "truncate_prompt_tokens")
+                    "truncate_prompt_tokens", "truncation_side")
 
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
