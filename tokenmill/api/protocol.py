@@ -454,8 +454,8 @@ def _sse_content(*events: type[BaseModel]) -> dict[str, Any]:
                                                  "properties": {"data": data}}}}
 
 
-def generate_responses(stream_chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+def generate_responses(*stream_chunks: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """A generate route's responses: the route's JSON model, or with stream=true an event stream of
-    `stream_chunk`s (and an error event if generation fails after the status line)."""
+    chunks (one of `stream_chunks`, and an error event if generation fails after the status line)."""
     return {200: {"description": "The response; with stream=true, an event stream of chunks",
-                  "content": _sse_content(stream_chunk, ErrorResponse)}, **ERROR_RESPONSES}
+                  "content": _sse_content(*stream_chunks, ErrorResponse)}, **ERROR_RESPONSES}

@@ -6,10 +6,11 @@ import logging
 import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated
 
 import torch
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,6 +24,7 @@ from tokenmill.engine.core.engine_client import EngineClient
 from .admin import admin_router
 from .auth import bearer_key_check
 from .errors import EXPECTED_ERRORS, bad_request, install_error_handlers, internal_error
+from .invocations import dispatch, openapi_request_body, openapi_responses
 from .model_spec import ModelSpec
 from .models import ModelRegistry, ServedModel
 from .protocol import (
@@ -139,6 +141,12 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
     async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
         async with models.using(req.model) as m:
             return await m.chat.create(req, raw)
+
+    @api.post("/invocations", responses=openapi_responses(), openapi_extra=openapi_request_body())
+    async def invocations(raw: Request, body: Annotated[dict, Body()]):
+        invocation, req = dispatch(body)
+        async with models.using(req.model) as m:
+            return await invocation.answer(m, req, raw)
 
     @api.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
