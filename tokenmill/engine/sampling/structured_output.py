@@ -139,7 +139,14 @@ class GrammarCompiler:
             if spec["prefix"] is not None:
                 kind = "prefix_grammar"
                 answer = grammar.concat(grammar.from_ebnf(spec["prefix"]), answer)
-            return self._compiler.compile_grammar(answer)
+            compiled = self._compiler.compile_grammar(answer)
+            # A constraint no token can begin (xgrammar finds none for some characters) would fail the
+            # request at its first step: it is the request's error, told before it starts.
+            first = self._xgr.allocate_token_bitmask(1, self.vocab_size)
+            self._xgr.GrammarMatcher(compiled).fill_next_token_bitmask(first, 0)
+            if not first.any():
+                raise ValueError("no token of the model's vocabulary can begin it")
+            return compiled
         except (RuntimeError, ValueError, TypeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             first = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", first)  # xgrammar's log prefix: time, source file
