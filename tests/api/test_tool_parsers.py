@@ -92,6 +92,7 @@ REPLIES = [
     "plain text with a < sign and <tool trailing spaces   ",
     '<tool_call>{"name": "f", "arguments": {oops}}</tool_call>',
     '<tool_call>{"arguments": {"z": true, "y": null}, "name": "h"}</tool_call>',
+    '<tool_call>{"name": "f", "\\q": {"a": 1}}</tool_call>',  # a key with a bad escape
     '  {"name": "f", "parameters": {"x": "<tool_call>", "n": -12}}; {"name": "g", "parameters": {}}',
     '[{"name": "f", "arguments": {"a": 1, "b": "é"}}, {"name": "g", "arguments": {"c": [3, 4]}}]',
     '{"city": "Paris", "unit": "celsius"}',

@@ -28,15 +28,15 @@ from dataclasses import dataclass, field
 from .json_prefix import read_object
 
 
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 @dataclass
 class ToolCall:
     name: str
     arguments: str  # a JSON object, as OpenAI sends it
-    id: str = field(default_factory=lambda: new_call_id())
-
-
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+    id: str = field(default_factory=new_call_id)
 
 
 @dataclass
@@ -92,8 +92,11 @@ def _partial_arguments(text: str, member: int, arguments_keys: tuple[str, ...]) 
     """The sendable text of an arguments object still arriving in the member at text[member:] ("" if that
     member is something else); None if it went wrong."""
     m = _OBJECT_MEMBER.match(text, member)
-    if not m or json.loads(m.group(1)) not in arguments_keys:
-        return ""
+    try:
+        if not m or json.loads(m.group(1)) not in arguments_keys:
+            return ""
+    except ValueError:  # a key with a bad escape
+        return None
     arguments = read_object(text, m.end() - 1)
     return text[arguments.start:arguments.done] if arguments.valid else None
 
