@@ -16,12 +16,9 @@ engine lets through before the constraint applies.
 """
 from __future__ import annotations
 
+from .tool_parsers import partial_tag
+
 START, END = "<think>", "</think>"
-
-
-def _partial_tag(text: str, tag: str) -> int:
-    """How many trailing characters of text are the start of tag."""
-    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
 
 
 def _not_containing(tag: str) -> str:
@@ -67,7 +64,7 @@ class ReasoningParser:
             if end:
                 reasoning, self.pending, self.state = before, after, "answer"
             else:
-                cut = len(self.pending) - _partial_tag(self.pending, END)
+                cut = len(self.pending) - partial_tag(self.pending, END)
                 reasoning, self.pending = self.pending[:cut], self.pending[cut:]
         if self.state == "answer":
             answer, self.pending = self.pending, ""

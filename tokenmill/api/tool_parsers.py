@@ -28,6 +28,11 @@ from dataclasses import dataclass, field
 from .json_prefix import read_object
 
 
+def partial_tag(text: str, tag: str) -> int:
+    """How many trailing characters of text are the start of tag (and so may still become it)."""
+    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
+
+
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -166,8 +171,7 @@ class HermesParser(ToolFormat):
         return i if i >= 0 else None
 
     def undecided_suffix(self, text: str) -> int:
-        return next((k for k in range(min(len(self.OPEN) - 1, len(text)), 0, -1)
-                     if text.endswith(self.OPEN[:k])), 0)
+        return partial_tag(text, self.OPEN)
 
     def render_calls(self, calls: list[dict]) -> str:
         return "\n".join(f"{self.OPEN}\n{json.dumps(c, ensure_ascii=False)}\n{self.CLOSE}" for c in calls)
