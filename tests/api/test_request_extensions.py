@@ -1,5 +1,6 @@
 """vLLM's request extensions through the OpenAI SDK (extra_body): prompt_logprobs, echo with logprobs,
-return_token_ids and truncate_prompt_tokens, streamed and not, checked against the engine itself."""
+return_token_ids, truncate_prompt_tokens and truncation_side, streamed and not, checked against the engine
+itself."""
 from __future__ import annotations
 
 import pytest
@@ -59,7 +60,7 @@ def test_return_token_ids_on_completions_streamed_and_not(client, model_name, ht
     assert all(getattr(c, "prompt_token_ids", None) is None for c in chunks[1:])  # left out of later chunks
     assert sum((c.token_ids for c in chunks), []) == choice.token_ids
     body = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1}).json()  # not asked: not there
-    assert not {"token_ids", "prompt_token_ids", "prompt_logprobs"} & set(body["choices"][0])
+    assert not {"token_ids", "prompt_token_ids"} & set(body["choices"][0])
 
 
 def test_chat_prompt_logprobs_and_token_ids_streamed_and_not(client, model_name, tok):
@@ -87,4 +88,25 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(client, model_name, tok, h
     chat = client.chat.completions.create(model=model_name, messages=MSG, max_tokens=2,
                                           extra_body={"truncate_prompt_tokens": 4})
     assert chat.usage.prompt_tokens == 4
+
+
+def test_right_truncation_keeps_the_first_tokens(client, model_name, tok, http):
+    long = PROMPT + " and the capital of Italy is Rome, which is a long way from Paris."
+    choice = client.completions.create(model=model_name, prompt=long, max_tokens=2, extra_body={
+        "truncate_prompt_tokens": 3, "truncation_side": "right", "return_token_ids": True}).choices[0]
+    assert choice.prompt_token_ids == tok.encode(long)[:3]
+    chat = client.chat.completions.create(model=model_name, messages=MSG, max_tokens=2, extra_body={
+        "truncate_prompt_tokens": 4, "truncation_side": "right", "return_token_ids": True})
+    whole = http.post("/tokenize", json={"messages": MSG}).json()["tokens"]
+    assert chat.prompt_token_ids == whole[:4]
+    bad = http.post("/v1/completions", json={"prompt": PROMPT, "truncate_prompt_tokens": 2, "truncation_side": "up"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "truncation_side"
+
+
+def test_prompt_logprobs_is_always_in_the_response(http, model_name):
+    """As vLLM sends it: null when not asked for, on the chat response and on each completions choice."""
+    chat = http.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 1}).json()
+    completion = http.post("/v1/completions", json={"prompt": [PROMPT, PROMPT], "max_tokens": 1}).json()
+    assert chat["prompt_logprobs"] is None
+    assert [c["prompt_logprobs"] for c in completion["choices"]] == [None, None]
     assert wait_until(lambda: scrape(http, "kv_cache_usage_perc") == 0)  # every block came back

@@ -17,7 +17,8 @@ from schemathesis import GenerationMode, checks
 # Every operation in the schema; test_every_operation_is_fuzzed keeps the list complete.
 OPERATIONS = [("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
               ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
-              ("POST", "/detokenize"), ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")]
+              ("POST", "/detokenize"), ("POST", "/invocations"), ("POST", "/v1/messages"),
+              ("POST", "/v1/messages/count_tokens")]
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
           checks.response_headers_conformance, checks.response_schema_conformance]
 

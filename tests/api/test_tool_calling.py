@@ -1,6 +1,6 @@
-"""Tool calling through the official OpenAI SDK against a real server: each tool_choice, streamed calls
-equal to the whole ones, a tool result sent back, and the 400s. SmolLM2's chat template knows no tools,
-so these run through the fallback prompt and the Hermes format."""
+"""Tool calling through the official OpenAI SDK against a real server: each tool_choice, calls streamed as
+they are generated and equal to the whole ones, a tool result sent back, and the 400s. SmolLM2's chat
+template knows no tools, so these run through the fallback prompt and the Hermes format."""
 import json
 
 import openai
@@ -35,17 +35,23 @@ def _create(client, model_name, messages, **kwargs):
 
 
 def _streamed(client, model_name, messages, **kwargs) -> tuple[str, list[tuple[str, str]], str]:
-    """(content, [(name, arguments)], finish_reason) of a streamed reply, put together as SDKs do."""
+    """(content, [(name, arguments)], finish_reason) of a streamed reply, put together as SDKs do. Each call
+    opens with its id, type and name, then its arguments come in pieces: several for several arguments."""
     content, calls, finish = "", {}, None
     for chunk in _create(client, model_name, messages, stream=True, **kwargs):
         for choice in chunk.choices:
             content += choice.delta.content or ""
             for d in choice.delta.tool_calls or []:
-                call = calls.setdefault(d.index, {"id": d.id, "name": "", "arguments": ""})
-                call["name"] += d.function.name or ""
-                call["arguments"] += d.function.arguments or ""
+                if d.index not in calls:
+                    assert d.id.startswith("call_") and d.type == "function" and d.function.name, d
+                    calls[d.index] = {"name": d.function.name, "arguments": "", "pieces": 0}
+                else:
+                    assert d.id is None and d.function.name is None, d
+                calls[d.index]["arguments"] += d.function.arguments or ""
+                calls[d.index]["pieces"] += bool(d.function.arguments)
             finish = choice.finish_reason or finish
-    assert all(c["id"] and c["id"].startswith("call_") for c in calls.values())
+    for call in calls.values():
+        assert call["pieces"] > 1 or len(json.loads(call["arguments"])) < 2, call
     return content, [(c["name"], c["arguments"]) for _, c in sorted(calls.items())], finish
 
 

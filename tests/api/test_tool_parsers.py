@@ -6,13 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenmill.api.errors import APIError
+from tokenmill.api.output_parser import OutputParser
 from tokenmill.api.protocol import ChatCompletionRequest
 from tokenmill.api.tool_parsers import (
     ForcedCallsParser,
     HermesParser,
     Llama3JsonParser,
     NamedCallParser,
-    ToolCallStream,
     format_for_template,
 )
 from tokenmill.api.tools import ToolRequest, conversation, template_knows_tools
@@ -26,21 +26,36 @@ def _calls(calls) -> list[tuple[str, dict]]:
     return [(c.name, json.loads(c.arguments)) for c in calls]
 
 
+def _parse(parser, text: str) -> tuple[str | None, list[tuple[str, dict]]]:
+    reply = OutputParser(parser).parse(text)
+    return reply.content, _calls(reply.tool_calls)
+
+
 @pytest.mark.parametrize("text,content,calls", [
     ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', None, [("f", {"a": 1})]),
     ('Let me look.\n<tool_call>{"name": "f", "arguments": {}}</tool_call>\n<tool_call>{"name": "g", '
      '"parameters": {"b": "x"}}', "Let me look.", [("f", {}), ("g", {"b": "x"})]),  # the last one unclosed
     ('<tool_call>{"name": "f", "arguments": "{\\"a\\": 2}"}</tool_call>', None, [("f", {"a": 2})]),
     ('<tool_call>{"name": "f"}</tool_call>', None, [("f", {})]),
+    ('<tool_call>{"arguments": {"a": 1}, "name": "f"}</tool_call>', None, [("f", {"a": 1})]),
     ("no calls here", "no calls here", []),
-    # Any call that does not parse leaves the whole reply as content.
-    ('<tool_call>{"name": "f", "arguments": {</tool_call>', '<tool_call>{"name": "f", "arguments": {</tool_call>', []),
-    ('<tool_call>{"name": "f"}</tool_call> and more', '<tool_call>{"name": "f"}</tool_call> and more', []),
+    # A call stands once its name is read; text after the calls that is not a call is dropped.
+    ('<tool_call>{"name": "f"}</tool_call> and more', None, [("f", {})]),
+    ('<tool_call>{"name": "f"}</tool_call><tool_call>{"name": "g"} x</tool_call> y', None, [("f", {}), ("g", {})]),
+    ('<tool_call>{"name": "f"}</tool_call> x <tool_call>{"name": "g"}</tool_call>', None, [("f", {})]),
+    # A first call that goes wrong before its name is read was not a call.
     ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
+    ('Hm <tool_call>{"name": 1}</tool_call>', 'Hm <tool_call>{"name": 1}</tool_call>', []),
+    ("<tool_call>never a call", "<tool_call>never a call", []),
 ])
-def test_hermes_calls_parse_all_or_nothing(text, content, calls):
-    got_content, got_calls = HermesParser().parse(text)
-    assert (got_content, _calls(got_calls)) == (content, calls)
+def test_hermes_calls_stand_once_named(text, content, calls):
+    assert _parse(HermesParser(), text) == (content, calls)
+
+
+def test_a_call_that_stops_keeps_the_arguments_read_so_far():
+    reply = OutputParser(HermesParser()).parse('<tool_call>{"name": "f", "arguments": {"a": 1, "b": [2, {oops')
+    assert [(c.name, c.arguments) for c in reply.tool_calls] == [("f", '{"a": 1')]
+    assert reply.content is None
 
 
 @pytest.mark.parametrize("text,content,calls", [
@@ -48,53 +63,89 @@ def test_hermes_calls_parse_all_or_nothing(text, content, calls):
     ('<|python_tag|>{"name": "f", "parameters": {}}; {"name": "g", "arguments": {"b": 2}}', None,
      [("f", {}), ("g", {"b": 2})]),
     ('It is {"name": "f"}', 'It is {"name": "f"}', []),
-    ('{"name": "f", "parameters": {"a": 1}} trailing', '{"name": "f", "parameters": {"a": 1}} trailing', []),
+    ('{"answer": 42}', '{"answer": 42}', []),
+    ('{"name": "f", "parameters": {"a": 1}} trailing', None, [("f", {"a": 1})]),
 ])
 def test_llama3_json_calls_parse(text, content, calls):
-    got_content, got_calls = Llama3JsonParser().parse(text)
-    assert (got_content, _calls(got_calls)) == (content, calls)
+    assert _parse(Llama3JsonParser(), text) == (content, calls)
 
 
 def test_forced_and_named_replies_parse():
     forced = ForcedCallsParser("arguments")
-    assert _calls(forced.parse('[{"name": "f", "arguments": {"a": 1}}]')[1]) == [("f", {"a": 1})]
-    assert ForcedCallsParser("arguments").parse('[{"name": "f", "argu') == ('[{"name": "f", "argu', [])
-    content, calls = NamedCallParser("f").parse('{"a": 1}')
-    assert content is None and _calls(calls) == [("f", {"a": 1})]
+    assert _parse(forced, '[{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]') == (
+        None, [("f", {"a": 1}), ("g", {})])
+    cut = OutputParser(forced).parse('[{"name": "f", "argu')
+    assert [(c.name, c.arguments) for c in cut.tool_calls] == [("f", "")]
+    assert OutputParser(forced).parse('[{"nam').content == '[{"nam'
+    assert _parse(NamedCallParser("f"), '{"a": 1}') == (None, [("f", {"a": 1})])
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    reply = OutputParser(HermesParser(), max_calls=1).parse(
+        '<tool_call>{"name": "f"}</tool_call><tool_call>{"name": "g"}</tool_call>')
+    assert [c.name for c in reply.tool_calls] == ["f"]
 
 
 REPLIES = [
-    'Sure.  \n<tool_call>\n{"name": "f", "arguments": {"a": [1, 2]}}\n</tool_call>\n'
+    'Sure.  \n<tool_call>\n{"name": "f", "arguments": {"a": [1, 2], "b": "x,}\\"{", "c": {"d": 1.5e3}}}\n</tool_call>\n'
     '<tool_call>{"name": "g"}</tool_call>',
     "plain text with a < sign and <tool trailing spaces   ",
     '<tool_call>{"name": "f", "arguments": {oops}}</tool_call>',
-    '  {"name": "f", "parameters": {"x": "<tool_call>"}}; {"name": "g", "parameters": {}}',
+    '<tool_call>{"arguments": {"z": true, "y": null}, "name": "h"}</tool_call>',
+    '<tool_call>{"name": "f", "\\q": {"a": 1}}</tool_call>',  # a key with a bad escape
+    '  {"name": "f", "parameters": {"x": "<tool_call>", "n": -12}}; {"name": "g", "parameters": {}}',
+    '[{"name": "f", "arguments": {"a": 1, "b": "é"}}, {"name": "g", "arguments": {"c": [3, 4]}}]',
+    '{"city": "Paris", "unit": "celsius"}',
     "<|python_tag|>not json",
     "<|python",
     "",
 ]
+PARSERS = [HermesParser, Llama3JsonParser, lambda: ForcedCallsParser("arguments"), lambda: NamedCallParser("f")]
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.sampled_from(REPLIES), st.sampled_from([HermesParser, Llama3JsonParser]),
-       st.lists(st.integers(0, 120), max_size=12))
-def test_a_streamed_reply_gives_the_same_content_and_calls_as_the_whole(text, parser_cls, cuts):
-    parser = parser_cls()
-    stream, cuts = ToolCallStream(parser), sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
-    content = "".join(stream.feed(text[a:b]) for a, b in zip(cuts, cuts[1:], strict=False))
-    rest, calls = stream.finish()
-    whole_content, whole_calls = parser.parse(text)
-    assert content + rest == (whole_content or "")
-    assert _calls(calls) == _calls(whole_calls)
+def _fold(parser, text: str, cuts: list[int], max_calls: int | None):
+    """(content, [(name, arguments)], each call's argument pieces) of the text fed in pieces cut at cuts."""
+    stream = OutputParser(parser, max_calls)
+    cuts = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    deltas = [stream.feed(text[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)] + [stream.finish()]
+    content = "".join(d.content for d in deltas)
+    pieces: dict[int, list[str]] = {}
+    names: dict[int, str] = {}
+    for d in (c for delta in deltas for c in delta.tool_calls):
+        if d.name is not None:
+            assert d.index == len(names) and d.id.startswith("call_")  # each call opens once, in order
+            names[d.index] = d.name
+        pieces[d.index].append(d.arguments) if d.index in pieces else pieces.setdefault(d.index, [d.arguments])
+    return content, [(names[i], "".join(pieces[i])) for i in sorted(names)], pieces
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(REPLIES), st.sampled_from(PARSERS), st.lists(st.integers(0, 140), max_size=12),
+       st.sampled_from([None, 1]))
+def test_streamed_deltas_fold_into_the_whole_reply(text, make_parser, cuts, max_calls):
+    """For any split points, the content and each call's argument pieces, joined, are the whole reply's."""
+    content, calls, _ = _fold(make_parser(), text, cuts, max_calls)
+    whole = OutputParser(make_parser(), max_calls).parse(text)
+    assert content == (whole.content or "")
+    assert calls == [(c.name, c.arguments) for c in whole.tool_calls]
+    if max_calls is not None:
+        assert len(calls) <= max_calls
+
+
+def test_arguments_stream_member_by_member():
+    _, calls, pieces = _fold(HermesParser(), REPLIES[0], list(range(len(REPLIES[0]))), None)
+    assert pieces[0] == ["", "{", '"a": [1, 2]', ', "b": "x,}\\"{"', ', "c": {"d": 1.5e3}}']
+    assert json.loads(calls[0][1]) == {"a": [1, 2], "b": 'x,}"{', "c": {"d": 1500.0}}
 
 
 def test_content_before_a_call_streams_before_the_call_ends():
-    stream = ToolCallStream(HermesParser())
-    assert stream.feed("Checking the ") == "Checking the"  # the space waits: it may precede a call
-    assert stream.feed("weather <tool") == " weather"
-    assert stream.feed('_call>{"name": "f"') == ""
-    assert stream.feed("}</tool_call>") == ""
-    assert _calls(stream.finish()[1]) == [("f", {})]
+    stream = OutputParser(HermesParser())
+    assert stream.feed("Checking the ").content == "Checking the"  # the space waits: it may precede a call
+    assert stream.feed("weather <tool").content == " weather"
+    first = stream.feed('_call>{"name": "f", "arguments": {')
+    assert first.content == "" and [(c.index, c.name, c.arguments) for c in first.tool_calls] == [(0, "f", "{")]
+    assert stream.feed('"a": 1, "b"').tool_calls[0].arguments == '"a": 1'
+    assert [c.arguments for c in (stream.feed(": 2}}</tool_call>") + stream.finish()).tool_calls] == [', "b": 2}']
 
 
 def test_the_tool_format_follows_the_chat_template():

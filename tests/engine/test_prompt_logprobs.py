@@ -5,6 +5,7 @@ import torch
 from hf_oracle import assert_prompt_logprobs_match_transformers
 
 from tokenmill.engine import LLM, SamplingParams
+from tokenmill.engine.limits import truncate_prompt
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,8 +83,16 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(llm):
     assert whole.prompt_token_ids == PROMPT  # -1: up to the model's context, which this prompt is within
 
 
+def test_truncation_side_picks_the_end_that_is_kept():
+    ids = list(range(10))
+    assert truncate_prompt(ids, SamplingParams(truncate_prompt_tokens=3), 8) == [7, 8, 9]
+    assert truncate_prompt(ids, SamplingParams(truncate_prompt_tokens=3, truncation_side="right"), 8) == [0, 1, 2]
+    assert truncate_prompt(ids, SamplingParams(truncate_prompt_tokens=-1, truncation_side="right"), 8) == ids[:8]
+
+
 @pytest.mark.parametrize("field,value", [("prompt_logprobs", 21), ("prompt_logprobs", -1),
-                                         ("truncate_prompt_tokens", 0), ("truncate_prompt_tokens", -2)])
+                                         ("truncate_prompt_tokens", 0), ("truncate_prompt_tokens", -2),
+                                         ("truncation_side", "middle")])
 def test_out_of_range_values_are_rejected_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})

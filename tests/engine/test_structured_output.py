@@ -74,6 +74,8 @@ def test_sampled_constrained_outputs_all_parse(llm):
     ({"json": "{not json"}, "structured_outputs.json is not valid JSON"),
     ({"regex": "(("}, "structured_outputs.regex: Regex parsing error"),
     ({"grammar": "root ::= "}, "structured_outputs.grammar: EBNF parser error"),
+    ({"regex": "\U000ad1fd\u00ce"}, "structured_outputs.regex: no token of the model's vocabulary can begin it"),
+    ({"regex": "[A-Z]+", "prefix_grammar": "root ::= ("}, "structured_outputs.prefix_grammar: EBNF parser error"),
 ])
 def test_an_invalid_constraint_fails_before_the_request_takes_anything(llm, bad, message):
     with pytest.raises(ValueError, match=message):

@@ -13,6 +13,7 @@ from tokenmill.engine.config import EngineConfig, default_model_path
 from tokenmill.engine.limits import RequestLimits
 
 from .model_spec import ModelSpec, default_name, model_id
+from .reasoning_parsers import REASONING_PARSERS
 from .tool_parsers import TOOL_FORMATS
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
@@ -116,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the format of tool calls in the model's replies (tool_choice auto): hermes "
                             "(<tool_call> JSON: Qwen2.5/3, Hermes, SmolLM3) or llama3_json (Llama 3.1's JSON); "
                             "default: the one the chat template implies, hermes for templates without tools")
+    serve.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                       help="split the reasoning between <think> and </think> off replies (reasoning_content): "
+                            "deepseek_r1 (replies start inside the reasoning; one without </think> is all "
+                            "reasoning) or qwen3 (only a reply that starts with <think> reasons); structured "
+                            "outputs and forced tool calls then constrain the answer only (default: none)")
     serve.add_argument("--fault-injection", default=None,
                        help="testing only: make chosen requests or steps fail (request:MARKER, "
                             "sampler:MARKER, step:N; see engine/faults.py)")

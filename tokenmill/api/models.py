@@ -108,10 +108,12 @@ class ModelRegistry:
 
     def __init__(self, engine_factory: Callable[[EngineConfig], EngineClient] | None = None,
                  sse_ping_s: float = 15.0, tool_call_parser: str | None = None, memory_budget: int | None = None,
-                 model_dir: str | None = None, base_config: EngineConfig | None = None):
+                 model_dir: str | None = None, base_config: EngineConfig | None = None,
+                 reasoning_parser: str | None = None):
         self.engine_factory = engine_factory
         self.sse_ping_s = sse_ping_s
         self.tool_call_parser = tool_call_parser
+        self.reasoning_parser = reasoning_parser
         self.memory_budget = memory_budget
         self.model_dir = model_dir
         self.base_config = base_config or EngineConfig()
@@ -181,7 +183,8 @@ class ModelRegistry:
         if mid in self.models:
             raise ValueError(f"model {mid} is already served")
         serving = OpenAIServing(engine, mid, self.metrics.for_model(name, version), self.sse_ping_s,
-                                self.tool_call_parser, lora_name=name if base else None)
+                                self.tool_call_parser, lora_name=name if base else None,
+                                reasoning_parser=self.reasoning_parser)
         served = ServedModel(name, version, path, engine, serving, ServingChat(serving), ServingCompletions(serving),
                              owns_engine, budget_bytes, on_demand, base)
         self.models[mid] = served

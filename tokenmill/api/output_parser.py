@@ -2,23 +2,18 @@
 
 Each API (chat completions, Responses, Messages) feeds a choice's text deltas to an OutputParser and
 renders what comes back in its own shapes. The whole (non-streamed) reply is the fold of the same
-deltas (`parse`), so a streamed reply always equals the non-streamed one.
+deltas (`parse`), so a streamed reply always equals the non-streamed one. The reasoning parser
+(reasoning_parsers.py) splits the text first; tool calls are read from the answer only, and stream as
+they are generated (tool_parsers.py has the rules for calls cut short or that do not parse).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .tool_parsers import ToolCall, ToolCallStream, ToolParser
+from .reasoning_parsers import ReasoningParser
+from .tool_parsers import ToolCall, ToolCallDelta, ToolCallStream, ToolParser
 
-
-@dataclass
-class ToolCallDelta:
-    """A piece of the index-th tool call: its id and name in the first piece, then argument text."""
-
-    index: int
-    id: str | None = None
-    name: str | None = None
-    arguments: str = ""
+__all__ = ["OutputDelta", "OutputParser", "ParsedOutput", "ToolCallDelta"]
 
 
 @dataclass
@@ -57,25 +52,34 @@ class ParsedOutput:
 
 
 class OutputParser:
-    """One choice's text as it streams. tool_parser (None: the reply is all content) finds the calls;
-    max_calls (None: any number) keeps only the first calls, as parallel_tool_calls=false asks."""
+    """One choice's text as it streams. tool_parser (None: the answer is all content) finds the calls;
+    max_calls (None: any number) keeps only the first calls, as parallel_tool_calls=false asks;
+    reasoning (None: no reasoning) splits the reasoning off first."""
 
-    def __init__(self, tool_parser: ToolParser | None = None, max_calls: int | None = None):
-        self.tools = ToolCallStream(tool_parser) if tool_parser else None
-        self.max_calls = max_calls
+    def __init__(self, tool_parser: ToolParser | None = None, max_calls: int | None = None,
+                 reasoning: ReasoningParser | None = None):
+        self.tools = ToolCallStream(tool_parser, max_calls) if tool_parser else None
+        self.reasoning = reasoning
 
     def feed(self, text: str) -> OutputDelta:
         """Add generated text; returns what can be sent now."""
-        return OutputDelta(content=self.tools.feed(text) if self.tools else text)
+        reasoning, answer = self.reasoning.feed(text) if self.reasoning else ("", text)
+        return OutputDelta(reasoning) + self._answer(answer)
 
     def finish(self) -> OutputDelta:
         """At the end of the choice: whatever was held back."""
+        reasoning, answer = self.reasoning.finish() if self.reasoning else ("", "")
+        out = OutputDelta(reasoning) + self._answer(answer)
+        if self.tools:
+            content, calls = self.tools.finish()
+            out += OutputDelta(content=content, tool_calls=calls)
+        return out
+
+    def _answer(self, text: str) -> OutputDelta:
         if not self.tools:
-            return OutputDelta()
-        content, calls = self.tools.finish()
-        calls = calls[:self.max_calls] if self.max_calls is not None else calls
-        return OutputDelta(content=content, tool_calls=[ToolCallDelta(i, c.id, c.name, c.arguments)
-                                                        for i, c in enumerate(calls)])
+            return OutputDelta(content=text)
+        content, calls = self.tools.feed(text)
+        return OutputDelta(content=content, tool_calls=calls)
 
     def parse(self, text: str) -> ParsedOutput:
         """A whole reply: the fold of feeding it all at once."""

@@ -98,9 +98,11 @@ class SamplingFields(OpenAIModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     # vLLM's request extensions: per prompt token its logprob and the top-N (N in [0, 20], not with stream),
-    # the prompt cut to its last k tokens (-1: the model's context), and the token ids in the response.
+    # the prompt cut to k tokens (-1: the model's context; its last ones, or with truncation_side "right" its
+    # first), and the token ids in the response.
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
+    truncation_side: Literal["left", "right"] | None = None
     return_token_ids: bool | None = None
 
 
@@ -278,7 +280,7 @@ class CompletionChoice(BaseModel):
     stop_reason: int | str | None = None  # vLLM's: the stop string or token id that matched
     token_ids: list[int] | None = _unset()  # return_token_ids; in a stream, each chunk's new ones
     prompt_token_ids: list[int] | None = _unset()  # return_token_ids; in a stream, in a choice's first chunk
-    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = _unset()
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None  # always there, as vLLM sends it
 
 
 class CompletionResponse(BaseModel):
@@ -308,6 +310,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None
+    reasoning_content: str | None = Field(None, exclude_if=lambda v: v is None)  # with --reasoning-parser
     tool_calls: list[ChatToolCall] | None = Field(None, exclude_if=lambda v: v is None)
 
 
@@ -328,7 +331,7 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str
     choices: list[ChatChoice]
     usage: UsageInfo
-    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = _unset()
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None  # always there, as vLLM sends it
     prompt_token_ids: list[int] | None = _unset()
 
 
@@ -350,6 +353,7 @@ class DeltaMessage(BaseModel):
     # OpenAI sends the role only in a choice's first chunk.
     role: str | None = Field(None, exclude_if=lambda v: v is None)
     content: str | None = None
+    reasoning_content: str | None = Field(None, exclude_if=lambda v: v is None)
     tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=lambda v: v is None)
 
 
@@ -455,8 +459,8 @@ def sse_content(*events: type[BaseModel], named: bool = False) -> dict[str, Any]
     return {"text/event-stream": {"itemSchema": item}}
 
 
-def generate_responses(stream_chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+def generate_responses(*stream_chunks: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """A generate route's responses: the route's JSON model, or with stream=true an event stream of
-    `stream_chunk`s (and an error event if generation fails after the status line)."""
+    chunks (one of `stream_chunks`, and an error event if generation fails after the status line)."""
     return {200: {"description": "The response; with stream=true, an event stream of chunks",
-                  "content": sse_content(stream_chunk, ErrorResponse)}, **ERROR_RESPONSES}
+                  "content": sse_content(*stream_chunks, ErrorResponse)}, **ERROR_RESPONSES}

@@ -101,8 +101,10 @@ class OpenAIIngress:
     """The OpenAI API (api/server.py's app) over the models' engine deployments."""
 
     async def __init__(self, engines: list[tuple[ModelSpec, DeploymentHandle]], api_key: str | None = None,
-                       sse_ping_s: float = 15.0, tool_call_parser: str | None = None):
-        self.models = ModelRegistry(sse_ping_s=sse_ping_s, tool_call_parser=tool_call_parser)
+                       sse_ping_s: float = 15.0, tool_call_parser: str | None = None,
+                       reasoning_parser: str | None = None):
+        self.models = ModelRegistry(sse_ping_s=sse_ping_s, tool_call_parser=tool_call_parser,
+                                    reasoning_parser=reasoning_parser)
         clients = {}
         for spec, handle in engines:
             client = ReplicaEngineClient(handle, await handle.info.remote())
@@ -142,7 +144,7 @@ def engine_options(config: EngineConfig, replicas: ReplicaSettings, name: str) -
 
 def build_ray_app(base: EngineConfig, specs: list[ModelSpec], replicas: ReplicaSettings,
                   api_key: str | None = None, sse_ping_s: float = 15.0,
-                  tool_call_parser: str | None = None) -> Application:
+                  tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> Application:
     """The Serve application: an engine deployment per model, and the ingress over them."""
     engines, capacity = [], 0
     for spec in specs:
@@ -154,7 +156,7 @@ def build_ray_app(base: EngineConfig, specs: list[ModelSpec], replicas: ReplicaS
         capacity += options["max_ongoing_requests"] * replicas.most
     ingress = serve.deployment(OpenAIIngress).options(
         name="openai", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=capacity)
-    return ingress.bind(engines, api_key, sse_ping_s, tool_call_parser)
+    return ingress.bind(engines, api_key, sse_ping_s, tool_call_parser, reasoning_parser)
 
 
 def replica_settings(args: argparse.Namespace) -> ReplicaSettings:
@@ -164,7 +166,7 @@ def replica_settings(args: argparse.Namespace) -> ReplicaSettings:
 def app_from_args(args: argparse.Namespace) -> Application:
     """The Serve application `tokenmill serve --ray` runs, from its parsed command line."""
     return build_ray_app(engine_config(args), model_specs(args), replica_settings(args), args.api_key,
-                         args.sse_ping_interval, args.tool_call_parser)
+                         args.sse_ping_interval, args.tool_call_parser, args.reasoning_parser)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -6,10 +6,11 @@ import logging
 import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated
 
 import torch
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,6 +24,7 @@ from tokenmill.engine.core.engine_client import EngineClient
 from .admin import admin_router
 from .auth import bearer_key_check
 from .errors import EXPECTED_ERRORS, bad_request, install_error_handlers, internal_error
+from .invocations import dispatch, openapi_request_body, openapi_responses
 from .model_spec import ModelSpec
 from .models import ModelRegistry, ServedModel
 from .protocol import (
@@ -74,13 +76,15 @@ class _Route(APIRoute):
 
 def build_app(models: ModelRegistry | EngineClient, served_model_name: str | None = None, api_key: str | None = None,
               owns_engine: bool = True, sse_ping_s: float = 15.0, tool_call_parser: str | None = None,
-              admin_key: str | None = None) -> FastAPI:
+              admin_key: str | None = None, reasoning_parser: str | None = None) -> FastAPI:
     """An app serving the registry's models, or one engine (named served_model_name, else its model's
     name). The app's lifespan starts the engines and stops those it owns. tool_call_parser: the format
     of tool calls in replies (api/tool_parsers.py), by default the one each chat template implies.
-    admin_key: enables the management API under /admin/ (api/admin.py)."""
+    admin_key: enables the management API under /admin/ (api/admin.py). reasoning_parser: how replies split
+    into reasoning and answer (api/reasoning_parsers.py), by default not at all."""
     if isinstance(models, EngineClient):
-        engine, models = models, ModelRegistry(sse_ping_s=sse_ping_s, tool_call_parser=tool_call_parser)
+        engine, models = models, ModelRegistry(sse_ping_s=sse_ping_s, tool_call_parser=tool_call_parser,
+                                               reasoning_parser=reasoning_parser)
         models.add(engine, served_model_name or engine.model_config.name, owns_engine=owns_engine)
     # On SIGTERM, streams in flight finish (uvicorn's graceful shutdown waits for them) rather than
     # being cut by sse-starlette's default drain.
@@ -139,6 +143,12 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
         async with models.using(req.model) as m:
             return await m.chat.create(req, raw)
 
+    @api.post("/invocations", responses=openapi_responses(), openapi_extra=openapi_request_body())
+    async def invocations(raw: Request, body: Annotated[dict, Body()]):
+        invocation, req = dispatch(body)
+        async with models.using(req.model) as m:
+            return await invocation.answer(m, req, raw)
+
     @api.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
         if (req.prompt is None) == (req.messages is None):
@@ -169,7 +179,7 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
 def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec], api_key: str | None = None,
                sse_ping_s: float = 15.0, engine_in_process: bool = False, tool_call_parser: str | None = None,
                admin_key: str | None = None, memory_budget: int | None = None, model_dir: str | None = None,
-               lora_modules: list[tuple[str, str]] | None = None) -> int:
+               lora_modules: list[tuple[str, str]] | None = None, reasoning_parser: str | None = None) -> int:
     """Load the models, then serve until SIGINT or SIGTERM (which drain in-flight requests first).
 
     Each engine runs in a process of its own, or with engine_in_process on a thread of this one. Raises
@@ -179,7 +189,7 @@ def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec],
     if not engine_in_process:
         torch.set_num_threads(1)  # this process only tokenizes and serves HTTP: the cores are the engines'
     factory = AsyncLLMEngine.from_config if engine_in_process else MPEngineClient
-    models = ModelRegistry(factory, sse_ping_s, tool_call_parser, memory_budget, model_dir, base)
+    models = ModelRegistry(factory, sse_ping_s, tool_call_parser, memory_budget, model_dir, base, reasoning_parser)
     for spec in specs:
         models.load_at_start(spec)
     models.startup_loras = list(lora_modules or [])

@@ -37,6 +37,7 @@ from .errors import APIError, bad_request
 from .metrics import ModelMetrics
 from .output_parser import OutputParser
 from .protocol import ChatMessage, ErrorInfo, ErrorResponse, PromptLogprob, SamplingFields, UsageInfo
+from .reasoning_parsers import REASONING_PARSERS
 from .tool_parsers import TOOL_FORMATS, format_for_template
 from .tools import ToolRequest, conversation
 
@@ -47,7 +48,7 @@ logger = logging.getLogger("tokenmill.api")
 _SAMPLING_FIELDS = ("n", "stop", "seed", "temperature", "top_p", "frequency_penalty", "presence_penalty",
                     "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
                     "skip_special_tokens", "include_stop_str_in_output", "prompt_logprobs",
-                    "truncate_prompt_tokens")
+                    "truncate_prompt_tokens", "truncation_side")
 
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
@@ -106,7 +107,8 @@ class OpenAIServing:
     """Holds the engine, the served model's name and the metrics; runs requests for both endpoints."""
 
     def __init__(self, engine: EngineClient, model_name: str, metrics: ModelMetrics, sse_ping_s: float = 15.0,
-                 tool_call_parser: str | None = None, lora_name: str | None = None):
+                 tool_call_parser: str | None = None, lora_name: str | None = None,
+                 reasoning_parser: str | None = None):
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
@@ -119,19 +121,22 @@ class OpenAIServing:
         # The format of tool calls in replies: as given, or the one the chat template implies.
         self.tool_format = (TOOL_FORMATS[tool_call_parser]() if tool_call_parser
                             else format_for_template(getattr(self.tokenizer, "chat_template", None)))
+        self.reasoning = REASONING_PARSERS[reasoning_parser] if reasoning_parser else None
         self.system_fingerprint = "fp_" + hashlib.sha256(f"tokenmill-{model_name}".encode()).hexdigest()[:10]
 
     def output_parser(self, tools: ToolRequest | None) -> OutputParser:
         """A parser for one choice of a reply to a request that offers these tools (None: no tools)."""
+        reasoning = self.reasoning() if self.reasoning else None
         if tools is None:
-            return OutputParser()
-        return OutputParser(tools.parser(self.tool_format), None if tools.parallel else 1)
+            return OutputParser(reasoning=reasoning)
+        return OutputParser(tools.parser(self.tool_format), None if tools.parallel else 1, reasoning)
 
     # ---- request -> engine -----------------------------------------------------------------
 
     def sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                        tool_constraint: dict | None = None) -> SamplingParams:
-        """The request's SamplingParams; tool_constraint: the constraint that forces its tool calls."""
+                        tool_constraint: dict | None = None, chat: bool = False) -> SamplingParams:
+        """The request's SamplingParams; tool_constraint: the constraint that forces its tool calls; chat: a
+        reply whose reasoning the reasoning parser splits off (completions return the text as it is)."""
         if req.stream and req.prompt_logprobs is not None:  # as vLLM: they would come only with the last chunk
             raise bad_request("prompt_logprobs are not available when stream is true", "prompt_logprobs")
         fields = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
@@ -148,6 +153,8 @@ class OpenAIServing:
             constraint = ("tool_choice", tool_constraint)
         if constraint is not None:
             fields["structured_outputs"] = constraint[1]
+            if self.reasoning and chat:  # the constraint is the answer's: the reasoning section comes first
+                fields["structured_outputs"] = {**constraint[1], "prefix_grammar": self.reasoning().prefix_grammar()}
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **fields)
         except ValueError as e:  # the message starts with the field's name

@@ -54,7 +54,7 @@ class ServingChat:
         tool_constraint = tools.constraint(s.tool_format.arguments_key) if tools else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = s.sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
-                                   tool_constraint)
+                                   tool_constraint, chat=True)
         prompt = await s.chat_prompt(req.messages, tools=tools)
         request_id = raw.state.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         field = "tool_choice" if tool_constraint else constraint_field(req)
@@ -69,7 +69,8 @@ class ServingChat:
             reply = s.output_parser(tools).parse(o.text)
             calls = reply.tool_calls
             content = reply.content if reply.content is not None or calls else ""
-            message = ChatResponseMessage(content=content, tool_calls=[_call(c) for c in calls] or None)
+            message = ChatResponseMessage(content=content, reasoning_content=reply.reasoning,
+                                          tool_calls=[_call(c) for c in calls] or None)
             choices.append(ChatChoice(index=o.index, message=message,
                                       logprobs=self._logprobs(req, o.token_ids, o.logprobs),
                                       finish_reason=_finish_reason(o.finish_reason, bool(calls)),
@@ -111,7 +112,8 @@ class ServingChat:
             token_ids = d.token_ids if req.return_token_ids else None
             if not (out or d.finish_reason or logprobs or token_ids):
                 continue
-            delta = DeltaMessage(content=out.content if out.content or not out.tool_calls else None, tool_calls=[
+            delta = DeltaMessage(content=out.content if out.content or not (out.tool_calls or out.reasoning) else None,
+                                 reasoning_content=out.reasoning or None, tool_calls=[
                 DeltaToolCall(index=c.index, id=c.id, type="function" if c.id else None,
                               function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
                 for c in out.tool_calls] or None)

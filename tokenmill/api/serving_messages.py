@@ -166,7 +166,7 @@ class ServingMessages:
         tools = tool_request(req)
         tool_constraint = tools.constraint(s.tool_format.arguments_key) if tools else None
         fields = sampling_fields(req)
-        params = s.sampling_params(fields, req.max_tokens, None, tool_constraint)
+        params = s.sampling_params(fields, req.max_tokens, None, tool_constraint, chat=True)
         prompt = await s.chat_prompt(chat_messages(req), tools=tools)
         request_id = raw.state.request_id = f"msg_{uuid.uuid4().hex}"
         streams = await s.start(request_id, [prompt], params, arrival, "messages",

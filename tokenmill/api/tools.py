@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .errors import bad_request
 from .protocol import ChatCompletionRequest, ChatMessage, ChatTool, NamedToolChoice
-from .tool_parsers import ForcedCallsParser, NamedCallParser, ToolCall, ToolFormat, ToolParser
+from .tool_parsers import ForcedCallsParser, NamedCallParser, ToolFormat, ToolParser
 
 _TOOLS_VARIABLE = re.compile(r"\btools\b")
 
@@ -71,10 +71,6 @@ class ToolRequest:
         if not self.parallel:
             calls["maxItems"] = 1
         return {"json": calls}
-
-    def kept(self, calls: list[ToolCall]) -> list[ToolCall]:
-        """The calls a reply makes: only the first without parallel_tool_calls."""
-        return calls if self.parallel else calls[:1]
 
     def parser(self, fmt: ToolFormat) -> ToolParser | None:
         """How replies are read: None when they are plain content."""

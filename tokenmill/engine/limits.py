@@ -68,12 +68,13 @@ class RequestLimits:
 
 
 def truncate_prompt(ids: list[int], params: SamplingParams, max_model_len: int) -> list[int]:
-    """The prompt's last truncate_prompt_tokens tokens (-1: max_model_len), as vLLM truncates: from the left,
-    before the length checks."""
+    """The prompt cut to truncate_prompt_tokens tokens (-1: max_model_len) before the length checks, as vLLM
+    cuts it: its last tokens, or with truncation_side "right" its first."""
     k = params.truncate_prompt_tokens
     if k is None:
         return ids
-    return ids[-(max_model_len if k == -1 else k):]
+    k = max_model_len if k == -1 else k
+    return ids[:k] if params.truncation_side == "right" else ids[-k:]
 
 
 def check_prompt(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,

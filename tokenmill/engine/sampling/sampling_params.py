@@ -34,6 +34,7 @@ class SamplingParams:
     # that asks computes its whole prompt (no prefix-cache reads) and pays for an LM-head row per token.
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens; -1: max_model_len
+    truncation_side: str = "left"  # where truncate_prompt_tokens cuts: "right" keeps the first k tokens
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Output constrained to a JSON schema, regex, choice or grammar (a StructuredOutputsParams or its fields).
@@ -85,6 +86,7 @@ class SamplingParams:
                                                       and (self.truncate_prompt_tokens >= 1
                                                            or self.truncate_prompt_tokens == -1)),
               "truncate_prompt_tokens", "must be an integer >= 1, or -1 (the model's context)")
+        check(self.truncation_side in ("left", "right"), "truncation_side", 'must be "left" or "right"')
         # torch generators take 64-bit seeds; vLLM bounds seed to int64 too.
         check(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**63),
               "seed", "must be an integer in [-2**63, 2**63)")

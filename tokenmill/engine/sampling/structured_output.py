@@ -31,7 +31,8 @@ MAX_JSON_WHITESPACE = 4
 class StructuredOutputsParams:
     """Exactly one constraint: `json` (a JSON schema, as a dict or its text), `json_object` (any JSON
     object), `regex`, `choice` (one of these strings) or `grammar` (EBNF, as xgrammar and vLLM take it).
-    disable_any_whitespace: JSON without any whitespace between tokens."""
+    disable_any_whitespace: JSON without any whitespace between tokens. prefix_grammar: EBNF of text that
+    comes first, free of the constraint (a reasoning section: the constraint is the answer's)."""
 
     json: dict | str | None = None
     json_object: bool | None = None
@@ -39,6 +40,7 @@ class StructuredOutputsParams:
     choice: tuple[str, ...] | list[str] | None = None
     grammar: str | None = None
     disable_any_whitespace: bool = False
+    prefix_grammar: str | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in ("json", "json_object", "regex", "choice", "grammar")
@@ -53,7 +55,7 @@ class StructuredOutputsParams:
             object.__setattr__(self, "choice", tuple(self.choice))
         if self.json is not None and not isinstance(self.json, dict | str):
             raise ValueError("structured_outputs.json must be a JSON schema (an object or its text)")
-        for name in ("regex", "grammar"):
+        for name in ("regex", "grammar", "prefix_grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"structured_outputs.{name} must be a non-empty string")
@@ -68,7 +70,8 @@ class StructuredOutputsParams:
                 raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
         # Not sort_keys: xgrammar writes an object's properties in the schema's order.
         return json.dumps({"json": schema, "json_object": self.json_object, "regex": self.regex,
-                           "choice": self.choice, "grammar": self.grammar, "ws": self.disable_any_whitespace})
+                           "choice": self.choice, "grammar": self.grammar, "ws": self.disable_any_whitespace,
+                           "prefix": self.prefix_grammar})
 
 
 class GrammarCompiler:
@@ -124,18 +127,27 @@ class GrammarCompiler:
     def _compile_key(self, key: str) -> Any:
         spec = json.loads(key)
         whitespace = {"any_whitespace": not spec["ws"], "max_whitespace_cnt": MAX_JSON_WHITESPACE}
+        grammar = self._xgr.Grammar
+        kind = next(k for k in ("json", "json_object", "regex", "choice", "grammar") if spec[k])
         try:
-            if spec["json"] is not None:
-                return self._compiler.compile_json_schema(json.dumps(spec["json"]), **whitespace)
-            if spec["json_object"]:
-                return self._compiler.compile_json_schema(json.dumps({"type": "object"}), **whitespace)
-            if spec["regex"] is not None:
-                return self._compiler.compile_regex(spec["regex"])
-            if spec["choice"] is not None:
-                return self._compiler.compile_grammar(_choice_grammar(spec["choice"]))
-            return self._compiler.compile_grammar(spec["grammar"])
+            if spec["json"] is not None or spec["json_object"]:
+                answer = grammar.from_json_schema(json.dumps(spec["json"] or {"type": "object"}), **whitespace)
+            elif spec["regex"] is not None:
+                answer = grammar.from_regex(spec["regex"])
+            else:
+                answer = grammar.from_ebnf(_choice_grammar(spec["choice"]) if spec["choice"] else spec["grammar"])
+            if spec["prefix"] is not None:
+                kind = "prefix_grammar"
+                answer = grammar.concat(grammar.from_ebnf(spec["prefix"]), answer)
+            compiled = self._compiler.compile_grammar(answer)
+            # A constraint no token can begin (xgrammar finds none for some characters) would fail the
+            # request at its first step: it is the request's error, told before it starts.
+            first = self._xgr.allocate_token_bitmask(1, self.vocab_size)
+            self._xgr.GrammarMatcher(compiled).fill_next_token_bitmask(first, 0)
+            if not first.any():
+                raise ValueError("no token of the model's vocabulary can begin it")
+            return compiled
         except (RuntimeError, ValueError, TypeError) as e:
-            kind = next(k for k in ("json", "json_object", "regex", "choice", "grammar") if spec[k])
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             first = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", first)  # xgrammar's log prefix: time, source file
             raise ValueError(f"invalid structured_outputs.{kind}: {first}") from None
