@@ -24,7 +24,9 @@ $(PY):
 install: $(PY)
 	$(PIP) install -q $(TORCH)
 ifeq ($(LATEST),1)
-	$(PIP) install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	@# Newest releases for all but torch, which stays the build just installed (a resolver left free to
+	@# upgrade it takes PyPI's CUDA build and its nvidia-* wheels).
+	$(PIP) install -q -e '.[test]' "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
 else
 	$(PIP) install -q -r $(LOCK)
 	$(PIP) install -q --no-deps -e .
