@@ -22,7 +22,7 @@ from tokenmill.engine.core.engine_client import EngineClient
 
 from .admin import admin_router
 from .auth import bearer_key_check
-from .errors import EXPECTED_ERRORS, bad_request, install_error_handlers, internal_error
+from .errors import EXPECTED_ERRORS, APIError, bad_request, install_error_handlers, internal_error
 from .model_spec import ModelSpec
 from .models import ModelRegistry, ServedModel
 from .protocol import (
@@ -35,12 +35,17 @@ from .protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
     generate_responses,
 )
+from .protocol_responses import Response as ResponseObject
+from .protocol_responses import ResponseDeleted, ResponsesRequest, StreamEvent
+from .response_store import ResponseStore
+from .serving_responses import ServingResponses
 from .tools import ToolRequest
 
 logger = logging.getLogger("tokenmill.api")
@@ -73,11 +78,12 @@ class _Route(APIRoute):
 
 def build_app(models: ModelRegistry | EngineClient, served_model_name: str | None = None, api_key: str | None = None,
               owns_engine: bool = True, sse_ping_s: float = 15.0, tool_call_parser: str | None = None,
-              admin_key: str | None = None) -> FastAPI:
+              admin_key: str | None = None, response_store: ResponseStore | None = None) -> FastAPI:
     """An app serving the registry's models, or one engine (named served_model_name, else its model's
     name). The app's lifespan starts the engines and stops those it owns. tool_call_parser: the format
     of tool calls in replies (api/tool_parsers.py), by default the one each chat template implies.
-    admin_key: enables the management API under /admin/ (api/admin.py)."""
+    admin_key: enables the management API under /admin/ (api/admin.py). response_store: where the
+    Responses API keeps stored responses (default: a ResponseStore with its default bounds)."""
     if isinstance(models, EngineClient):
         engine, models = models, ModelRegistry(sse_ping_s=sse_ping_s, tool_call_parser=tool_call_parser)
         models.add(engine, served_model_name or engine.model_config.name, owns_engine=owns_engine)
@@ -137,6 +143,39 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
     async def create_chat_completion(req: ChatCompletionRequest, raw: Request):
         async with models.using(req.model) as m:
             return await m.chat.create(req, raw)
+
+    responses_store = response_store or ResponseStore()
+
+    @api.post("/v1/responses", response_model=ResponseObject, responses=generate_responses(StreamEvent))
+    async def create_response(req: ResponsesRequest, raw: Request):
+        async with models.using(req.model) as m:
+            return await ServingResponses(m.serving, responses_store).create(req, raw)
+
+    def stored(response_id: str) -> ResponseObject:
+        entry = responses_store.get(response_id)
+        if entry is None:
+            raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id",
+                           code="not_found")
+        return entry.response
+
+    unknown_response = {404: {"model": ErrorResponse, "description": "No stored response has this id"}}
+
+    @api.get("/v1/responses/{response_id}", responses=unknown_response)
+    async def retrieve_response(response_id: str) -> ResponseObject:
+        return stored(response_id)
+
+    @api.delete("/v1/responses/{response_id}", responses=unknown_response)
+    async def delete_response(response_id: str) -> ResponseDeleted:
+        stored(response_id)
+        responses_store.delete(response_id)
+        return ResponseDeleted(id=response_id)
+
+    @api.post("/v1/responses/{response_id}/cancel", responses={
+        **unknown_response, 400: {"model": ErrorResponse, "description": "Only background responses can be "
+                                  "cancelled, and this server runs none"}})
+    async def cancel_response(response_id: str) -> ResponseObject:
+        stored(response_id)
+        raise bad_request("Cannot cancel a synchronous response.")
 
     @api.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> TokenizeResponse:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -320,12 +320,16 @@ def stream_usage_flags(req: SamplingFields) -> tuple[bool, bool]:
 
 
 def sse_response(chunks: AsyncGenerator[BaseModel, None], request_id: str, ping_s: float,
-                 streams: list[RequestStream]) -> EventSourceResponse:
+                 streams: list[RequestStream], error_event: Callable[[ErrorInfo], BaseModel] | None = None,
+                 named: bool = False) -> EventSourceResponse:
     """OpenAI's framing (one `data: {json}` event per chunk, an error event if one occurs, then
     `data: [DONE]`), with a `: ping` comment every ping_s seconds so that proxies keep an idle stream
     open while the request waits in the queue or prefills. However the response ends (a client that
-    hangs up, even before the first chunk), the engine requests behind `streams` end with it."""
-    return EventSourceResponse(_sse_events(chunks, request_id, streams), ping=ping_s, sep="\n")
+    hangs up, even before the first chunk), the engine requests behind `streams` end with it.
+    error_event: the API's shape of an error (default: OpenAI's error object); named: each event also
+    names its chunk's `type` in an `event:` line, as the Responses API frames its events."""
+    events = _sse_events(chunks, request_id, streams, error_event or (lambda info: ErrorResponse(error=info)), named)
+    return EventSourceResponse(events, ping=ping_s, sep="\n")
 
 
 # JSON leaves U+0085, U+2028 and U+2029 raw inside strings, but line readers that follow
@@ -338,31 +342,30 @@ def sse_json(model: BaseModel) -> str:
     return model.model_dump_json().translate(_LINE_BREAKS)
 
 
-async def _sse_events(chunks: AsyncGenerator[BaseModel, None], request_id: str,
-                      streams: list[RequestStream]) -> AsyncIterator[dict]:
+async def _sse_events(chunks: AsyncGenerator[BaseModel, None], request_id: str, streams: list[RequestStream],
+                      error_event: Callable[[ErrorInfo], BaseModel], named: bool) -> AsyncIterator[dict]:
     # Plain dicts take the response's separator ("\n", as OpenAI's own streams use).
+    def event(chunk: BaseModel) -> dict:
+        return {"event": chunk.type, "data": sse_json(chunk)} if named else {"data": sse_json(chunk)}
+
     try:
         async for chunk in chunks:
-            yield {"data": sse_json(chunk)}
+            yield event(chunk)
     except EngineOverloadedError as e:
-        yield _error_event(ErrorInfo(message=str(e), type="server_error", code="overloaded"))
+        yield event(error_event(ErrorInfo(message=str(e), type="server_error", code="overloaded")))
     except (EngineStoppedError, EngineDeadError) as e:
-        yield _error_event(ErrorInfo(message=str(e), type="server_error", code="unavailable"))
+        yield event(error_event(ErrorInfo(message=str(e), type="server_error", code="unavailable")))
     except RequestFailedError as e:
-        yield _error_event(ErrorInfo(message=str(e), type="server_error"))
+        yield event(error_event(ErrorInfo(message=str(e), type="server_error")))
     except Exception:  # the status line is already sent: report the bug in the stream
         logger.exception("internal error in request %s", request_id)
-        yield _error_event(ErrorInfo(message=f"internal server error (request id {request_id})",
-                                     type="server_error"))
+        yield event(error_event(ErrorInfo(message=f"internal server error (request id {request_id})",
+                                          type="server_error")))
     finally:
         await chunks.aclose()
         for stream in streams:
             stream.abort()
     yield {"data": "[DONE]"}
-
-
-def _error_event(info: ErrorInfo) -> dict:
-    return {"data": sse_json(ErrorResponse(error=info))}
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:
