@@ -206,7 +206,7 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
 def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec], api_key: str | None = None,
                sse_ping_s: float = 15.0, engine_in_process: bool = False, tool_call_parser: str | None = None,
                admin_key: str | None = None, memory_budget: int | None = None, model_dir: str | None = None,
-               lora_modules: list[tuple[str, str]] | None = None) -> int:
+               lora_modules: list[tuple[str, str]] | None = None, response_store: ResponseStore | None = None) -> int:
     """Load the models, then serve until SIGINT or SIGTERM (which drain in-flight requests first).
 
     Each engine runs in a process of its own, or with engine_in_process on a thread of this one. Raises
@@ -220,7 +220,7 @@ def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec],
     for spec in specs:
         models.load_at_start(spec)
     models.startup_loras = list(lora_modules or [])
-    app = build_app(models, admin_key=admin_key, api_key=api_key)
+    app = build_app(models, admin_key=admin_key, api_key=api_key, response_store=response_store)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
 
