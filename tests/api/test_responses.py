@@ -4,12 +4,17 @@ round trip inline and through previous_response_id, the store, and the 400s and 
 greedy (temperature 0); tool calls are forced by grammar, which SmolLM2 could not be trusted to make."""
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
+from api_helpers import API_KEY, ServerThread
 from openai.types.responses import Response as SDKResponse
 
 from tokenmill.api.response_store import ResponseStore
+from tokenmill.api.server import build_app
+from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.core.async_engine import AsyncLLMEngine
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "The current weather in a city",
            "parameters": {"type": "object",
@@ -178,12 +183,44 @@ def test_cancel_refuses_a_response_that_was_not_run_in_the_background(client, mo
     ({"input": "Hi", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     ({"input": "Hi", "stop": ["x"] * 17}, "stop"),
     ({"input": "x" * 100_000, "max_output_tokens": 1}, "input"),
+    ({"input": "Hi", "max_output_tokens": 100_000}, "input"),
 ])
 def test_bad_requests_are_400s_naming_the_field(http, body, param):
     r = http.post("/v1/responses", json=body)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert "messages" not in error["message"] and "max_tokens" not in error["message"]  # the Responses API's names
+
+
+def test_the_api_key_guards_every_responses_route(secure_server):
+    with httpx.Client(base_url=secure_server.url) as http:
+        for method, path in [("POST", "/v1/responses"), ("GET", "/v1/responses/resp_1"),
+                             ("DELETE", "/v1/responses/resp_1"), ("POST", "/v1/responses/resp_1/cancel")]:
+            r = http.request(method, path, json={"input": "Hi"})
+            assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error"
+        r = http.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 1},
+                      headers={"Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 200 and r.json()["model"] == "tm-secure"
+
+
+@pytest.fixture(scope="module")
+def faulty_server():
+    """An engine whose requests fail when their prompt says FAULTY."""
+    config = EngineConfig(dtype="float32", kv_cache_memory=64 << 20, max_model_len=512,
+                          fault_injection="request:FAULTY")
+    with ServerThread(build_app(AsyncLLMEngine.from_config(config))) as s:
+        yield s
+
+
+def test_a_request_that_fails_in_the_engine_fails_alone(faulty_server):
+    client = openai.OpenAI(base_url=faulty_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    events = list(client.responses.create(input="FAULTY", max_output_tokens=4, stream=True))
+    assert events[-1].type == "response.failed" and "injected request fault" in events[-1].response.error.message
+    assert events[-1].response.status == "failed"
+    with pytest.raises(openai.InternalServerError):
+        client.responses.create(input="FAULTY", max_output_tokens=4)
+    assert client.responses.create(input="Hello", max_output_tokens=4).status == "incomplete"
 
 
 def test_the_store_evicts_the_oldest_past_its_bounds():

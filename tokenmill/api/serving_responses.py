@@ -7,6 +7,7 @@ output items (responses_output.py), whole or as the API's stream events. Stored 
 """
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -210,12 +211,15 @@ def _response_format(text: TextConfig) -> ResponseFormat:
     return ResponseFormat(type="json_schema", json_schema={"name": fmt.name, "schema": fmt.schema_})
 
 
+# The chat request's field names that the shared plumbing's errors use, as the Responses API names them.
+_FIELD_NAMES = {"messages": "input", "response_format": "text.format", "max_tokens": "max_output_tokens"}
+_FIELD_NAME = re.compile(rf"\b({'|'.join(_FIELD_NAMES)})\b")
+
+
 def _renamed(error: APIError) -> APIError:
-    """An error from the shared plumbing, with the chat request's field names as the Responses API's."""
-    names = {"messages": "input", "response_format": "text.format"}
-    if error.param in names:
-        error.message = error.message.replace(error.param, names[error.param], 1)
-        error.param = names[error.param]
+    """An error from the shared plumbing, in the Responses API's field names."""
+    error.message = _FIELD_NAME.sub(lambda m: _FIELD_NAMES[m.group(1)], error.message)
+    error.param = _FIELD_NAMES.get(error.param, error.param)
     return error
 
 
