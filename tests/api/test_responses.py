@@ -57,7 +57,7 @@ def test_plain_text_parses_into_the_sdk_response(client, http, model_name):
     usage = response.usage
     assert usage.output_tokens == 16 and usage.total_tokens == usage.input_tokens + 16
     assert usage.input_tokens_details.cached_tokens >= 0 and usage.output_tokens_details.reasoning_tokens == 0
-    assert response.store and response.parallel_tool_calls and response.tools == [] and response.tool_choice == "none"
+    assert response.store and response.parallel_tool_calls and response.tools == [] and response.tool_choice == "auto"
     assert response.text.format.type == "text" and response.temperature == 0 and response.max_output_tokens == 16
 
 

@@ -119,7 +119,7 @@ class _Turn:
             output=[], instructions=req.instructions, max_output_tokens=req.max_output_tokens,
             metadata=req.metadata, parallel_tool_calls=req.parallel_tool_calls is not False,
             previous_response_id=req.previous_response_id, store=req.store, temperature=req.temperature,
-            text=text, tool_choice=req.tool_choice or ("auto" if req.tools else "none"), tools=req.tools or [],
+            text=text, tool_choice=req.tool_choice or "auto", tools=req.tools or [],
             top_p=req.top_p, usage=None, user=req.user)
 
     async def events(self, streams: list[RequestStream]) -> AsyncIterator[BaseModel]:
