@@ -1,12 +1,17 @@
 """The fold of output deltas into a response's items and stream events (api/responses_output.py), on deltas as
-the output parser makes them: reasoning, content, and tool calls whose arguments come in pieces."""
+the output parser makes them: reasoning, content, and tool calls whose arguments come in pieces; and an error
+in the middle of a stream, as the shared SSE plumbing frames it."""
 from __future__ import annotations
+
+import asyncio
 
 from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from tokenmill.api.output_parser import OutputDelta, ToolCallDelta
 from tokenmill.api.responses_output import ResponseOutput
+from tokenmill.api.serving import _sse_events
+from tokenmill.engine.core.engine_client import EngineDeadError
 
 DELTAS = [OutputDelta(reasoning="Paris is "), OutputDelta(reasoning="in France."),
           OutputDelta(content="Let me check."),
@@ -62,3 +67,23 @@ def test_an_empty_reply_is_one_empty_message():
     assert [e.type for e in events] == ["response.output_item.added", "response.content_part.added",
                                         "response.output_text.done", "response.content_part.done",
                                         "response.output_item.done"]
+
+
+def test_an_error_after_the_status_line_is_an_error_event_in_the_sequence():
+    """The shared SSE plumbing reports a dead engine in the Responses API's own event shape."""
+    out = ResponseOutput()
+
+    async def events():
+        for event in out.add(OutputDelta(content="Hi")):
+            yield event
+        raise EngineDeadError("the engine died")
+
+    async def frames() -> list[dict]:
+        return [frame async for frame in _sse_events(events(), "resp_1", [], out.error, named=True)]
+
+    frames = asyncio.run(frames())
+    assert [f.get("event") for f in frames] == ["response.output_item.added", "response.content_part.added",
+                                                "response.output_text.delta", "error", None]
+    error = TypeAdapter(ResponseStreamEvent).validate_json(frames[-2]["data"])
+    assert error.type == "error" and error.code == "unavailable" and error.sequence_number == 3
+    assert error.message == "the engine died" and frames[-1] == {"data": "[DONE]"}

@@ -13,8 +13,10 @@ import uuid
 from pydantic import BaseModel
 
 from .output_parser import OutputDelta, ToolCallDelta
+from .protocol import ErrorInfo
 from .protocol_responses import (
     ContentPartEvent,
+    ErrorEvent,
     FunctionCallArgumentsDeltaEvent,
     FunctionCallArgumentsDoneEvent,
     OutputFunctionCall,
@@ -53,6 +55,11 @@ class ResponseOutput:
         """response.created, .in_progress, .completed, .incomplete or .failed."""
         return ResponseLifecycleEvent(type=f"response.{kind}", sequence_number=self.next_sequence_number(),
                                       response=response.model_copy(deep=True))
+
+    def error(self, info: ErrorInfo) -> ErrorEvent:
+        """The `error` event of a failure outside the request itself (overload, a dead engine, a bug)."""
+        return ErrorEvent(sequence_number=self.next_sequence_number(), code=info.code or info.type,
+                          message=info.message, param=info.param)
 
     def add(self, delta: OutputDelta) -> list[BaseModel]:
         """Fold in what a piece of generated text added; returns its events."""

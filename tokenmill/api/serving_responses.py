@@ -24,7 +24,6 @@ from .protocol import (
     ChatMessage,
     ChatTool,
     ChatToolCall,
-    ErrorInfo,
     FunctionCall,
     FunctionDefinition,
     FunctionName,
@@ -32,7 +31,6 @@ from .protocol import (
     ResponseFormat,
 )
 from .protocol_responses import (
-    ErrorEvent,
     FunctionCallItem,
     FunctionCallOutputItem,
     FunctionToolChoice,
@@ -72,13 +70,7 @@ class ServingResponses:
                                param="previous_response_id", code="previous_response_not_found")
             history = previous.conversation
         conversation = history + req.input
-        tools = ToolRequest.from_request(ChatCompletionRequest.model_construct(
-            tools=[ChatTool(type="function", function=FunctionDefinition(
-                name=t.name, description=t.description, parameters=t.parameters, strict=t.strict))
-                for t in req.tools or []] or None,
-            tool_choice=(NamedToolChoice(type="function", function=FunctionName(name=req.tool_choice.name))
-                         if isinstance(req.tool_choice, FunctionToolChoice) else req.tool_choice),
-            parallel_tool_calls=req.parallel_tool_calls, functions=None, function_call=None))
+        tools = _tool_request(req)
         tool_constraint = tools.constraint(s.tool_format.arguments_key) if tools else None
         text = req.text or TextConfig()
         fields = req.model_copy(update={"response_format": _response_format(text)})
@@ -95,7 +87,7 @@ class ServingResponses:
         turn = _Turn(self, req, request_id, int(arrival), text, tools, conversation)
         if req.stream:
             return sse_response(turn.events(streams), request_id, s.sse_ping_s, streams,
-                                error_event=turn.error_event, named=True)
+                                error_event=turn.out.error, named=True)
         finals = await cancel_on_disconnect(raw, s.final_outputs(streams))
         if finals is None:
             return HTTPResponse(status_code=499)  # the client left; nobody reads this
@@ -151,10 +143,6 @@ class _Turn:
         response = await self.finished(prompt_tokens, output_tokens, cached_tokens, finish_reason)
         yield out.lifecycle(response.status, response)
 
-    def error_event(self, info: ErrorInfo) -> ErrorEvent:
-        return ErrorEvent(sequence_number=self.out.next_sequence_number(), code=info.code or info.type,
-                          message=info.message, param=info.param)
-
     async def finished(self, prompt_tokens: int, output_tokens: int, cached_tokens: int,
                        finish_reason: str | None) -> Response:
         """The whole response, stored if the request asked for it."""
@@ -193,6 +181,18 @@ def chat_messages(instructions: str | None, items: list) -> list[ChatMessage]:
         elif isinstance(item, FunctionCallOutputItem):
             messages.append(ChatMessage(role="tool", content=item.output, tool_call_id=item.call_id))
     return messages
+
+
+def _tool_request(req: ResponsesRequest) -> ToolRequest | None:
+    """The request's tools and tool choice, checked as chat's are (the fields have the same names)."""
+    choice = req.tool_choice
+    if isinstance(choice, FunctionToolChoice):
+        choice = NamedToolChoice(type="function", function=FunctionName(name=choice.name))
+    tools = [ChatTool(type="function", function=FunctionDefinition(
+        name=t.name, description=t.description, parameters=t.parameters, strict=t.strict)) for t in req.tools or []]
+    return ToolRequest.from_request(ChatCompletionRequest.model_construct(
+        tools=tools or None, tool_choice=choice, parallel_tool_calls=req.parallel_tool_calls, functions=None,
+        function_call=None))
 
 
 def _as_input(item: OutputMessage | OutputFunctionCall) -> MessageItem | FunctionCallItem:
