@@ -22,7 +22,7 @@ KEY = "env-key"
 @pytest.fixture(scope="module")
 def cli_server(tmp_path_factory):
     args = ["--dtype", "float32", "--kv-cache-memory", "64MiB", "--max-model-len", "512", "--max-num-seqs", "1",
-            "--max-queue-len", "1", "--served-model-name", "tiny"]
+            "--max-queue-len", "1", "--served-model-name", "tiny", "--responses-store-max-entries", "1"]
     with ServeProcess(args, tmp_path_factory.mktemp("cli") / "server.log", env={"TOKENMILL_API_KEY": KEY},
                       headers={"Authorization": f"Bearer {KEY}"}) as server:
         yield server.proc, server.client, server
@@ -54,6 +54,15 @@ def test_over_the_queue_limit_is_a_503(cli_server):
     assert [r.status_code for r in results] == [200, 200]
 
 
+def test_the_response_store_keeps_as_many_responses_as_its_flag_says(cli_server):
+    _, client, _ = cli_server
+    body = {"input": "Hi", "max_output_tokens": 1}
+    first, second = (client.post("/v1/responses", json=body).json()["id"] for _ in range(2))
+    assert client.get(f"/v1/responses/{first}").status_code == 404
+    assert client.get(f"/v1/responses/{second}").json()["id"] == second
+    assert client.get(f"/v1/responses/{second}", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
 def test_sigterm_finishes_in_flight_requests_and_exits_0(cli_server):
     proc, client, log = cli_server
     result = {}
@@ -79,7 +88,8 @@ def test_serve_help_documents_every_option(capsys):
         main(["serve", "--help"])
     out = capsys.readouterr().out
     for flag in ["--host", "--port", "--dtype", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
-                 "--kv-cache-memory", "--served-model-name", "--max-queue-len", "--api-key"]:
+                 "--kv-cache-memory", "--served-model-name", "--max-queue-len", "--api-key",
+                 "--responses-store-max-entries", "--responses-store-max-bytes", "--responses-store-ttl"]:
         assert flag in out
 
 

@@ -18,12 +18,13 @@ from schemathesis import GenerationMode, checks
 OPERATIONS = [("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
               ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
               ("POST", "/detokenize"), ("POST", "/invocations"), ("POST", "/v1/messages"),
-              ("POST", "/v1/messages/count_tokens")]
+              ("POST", "/v1/messages/count_tokens"), ("POST", "/v1/responses"), ("GET", "/v1/responses/{response_id}"),
+              ("DELETE", "/v1/responses/{response_id}"), ("POST", "/v1/responses/{response_id}/cancel")]
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
           checks.response_headers_conformance, checks.response_schema_conformance]
 
 # Request fields whose size sets a generation's cost: the number of choices and of tokens.
-_COST_FIELDS = ("n", "best_of", "max_tokens", "max_completion_tokens")
+_COST_FIELDS = ("n", "best_of", "max_tokens", "max_completion_tokens", "max_output_tokens")
 _CHEAP = 2
 
 
@@ -39,6 +40,8 @@ def cheap_generation(body: Any, max_model_len: int) -> Any:
     # Chat without a limit generates up to the end of the context.
     if "messages" in body and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = _CHEAP
+    if "input" in body and body.get("max_output_tokens") is None:  # so does a response
+        body["max_output_tokens"] = _CHEAP
     return body
 
 
@@ -60,12 +63,13 @@ def test_every_operation_is_fuzzed(api_schema) -> None:
 
 
 # Valid requests for every operation; invalid ones where there is something to break: a JSON body
-# (the GETs' only parameter is a free string). Valid generations once more as event streams: few
-# valid requests happen to ask for one.
+# (the other operations' only parameter is a free string). Valid generations once more as event
+# streams: few valid requests happen to ask for one.
 CASES = ([(method, path, GenerationMode.POSITIVE, False) for method, path in OPERATIONS]
-         + [(method, path, GenerationMode.NEGATIVE, False) for method, path in OPERATIONS if method == "POST"]
+         + [(method, path, GenerationMode.NEGATIVE, False) for method, path in OPERATIONS
+            if method == "POST" and "{" not in path]
          + [("POST", path, GenerationMode.POSITIVE, True)
-            for path in ("/v1/completions", "/v1/chat/completions", "/v1/messages")])
+            for path in ("/v1/completions", "/v1/chat/completions", "/v1/messages", "/v1/responses")])
 
 
 @pytest.mark.parametrize(("method", "path", "mode", "stream"), CASES,

@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "takes longer is a 400 (default: %(default)s)")
     serve.add_argument("--sse-ping-interval", type=float, default=15.0,
                        help="seconds between keep-alive comments on an idle stream (default: %(default)s)")
+    serve.add_argument("--responses-store-max-entries", type=int, default=1000,
+                       help="most responses the Responses API keeps for GET /v1/responses/{id} and "
+                            "previous_response_id; the oldest go first (default: %(default)s)")
+    serve.add_argument("--responses-store-max-bytes", type=parse_size, default=64 << 20,
+                       help="most memory the stored responses take, as JSON, e.g. 256MiB (default: 64MiB)")
+    serve.add_argument("--responses-store-ttl", type=float, default=3600.0,
+                       help="seconds a stored response is kept (default: %(default)s)")
     serve.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_FORMATS),
                        help="the format of tool calls in the model's replies (tool_choice auto): hermes "
                             "(<tool_call> JSON: Qwen2.5/3, Hermes, SmolLM3) or llama3_json (Llama 3.1's JSON); "

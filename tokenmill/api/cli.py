@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return run_benchmark(args.benchmark, args.args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .response_store import ResponseStore
+
     try:
         config = engine_config(args)
         specs = model_specs(args)
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         if any(len(m) != 2 or not all(m) for m in loras):
             raise ValueError("--lora-modules: give NAME=PATH")
         check_ray_args(args)
+        store = ResponseStore(args.responses_store_max_entries, args.responses_store_max_bytes,
+                              args.responses_store_ttl)
     except (TypeError, ValueError) as e:
         print(f"tokenmill serve: {e}", file=sys.stderr)
         return 2
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_server(config, args.host, args.port, specs, args.api_key, args.sse_ping_interval,
                           args.engine_in_process, args.tool_call_parser, args.admin_key, args.memory_budget,
-                          args.model_dir, loras, args.reasoning_parser)
+                          args.model_dir, loras, args.reasoning_parser, store)
     except EngineStartupError as e:
         print(f"tokenmill serve: the engine failed to start: {e}", file=sys.stderr)
         return 1

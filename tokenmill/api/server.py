@@ -23,7 +23,7 @@ from tokenmill.engine.core.engine_client import EngineClient
 
 from .admin import admin_router
 from .auth import bearer_key_check
-from .errors import EXPECTED_ERRORS, bad_request, install_error_handlers, internal_error
+from .errors import EXPECTED_ERRORS, APIError, bad_request, install_error_handlers, internal_error
 from .invocations import dispatch, openapi_request_body, openapi_responses
 from .model_spec import ModelSpec
 from .models import ModelRegistry, ServedModel
@@ -37,13 +37,18 @@ from .protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
     generate_responses,
 )
+from .protocol_responses import Response as ResponseObject
+from .protocol_responses import ResponseDeleted, ResponsesRequest, StreamEvent
+from .response_store import ResponseStore
 from .serving_messages import messages_router
+from .serving_responses import ServingResponses
 from .tools import ToolRequest
 
 logger = logging.getLogger("tokenmill.api")
@@ -76,12 +81,14 @@ class _Route(APIRoute):
 
 def build_app(models: ModelRegistry | EngineClient, served_model_name: str | None = None, api_key: str | None = None,
               owns_engine: bool = True, sse_ping_s: float = 15.0, tool_call_parser: str | None = None,
-              admin_key: str | None = None, reasoning_parser: str | None = None) -> FastAPI:
+              admin_key: str | None = None, reasoning_parser: str | None = None,
+              response_store: ResponseStore | None = None) -> FastAPI:
     """An app serving the registry's models, or one engine (named served_model_name, else its model's
     name). The app's lifespan starts the engines and stops those it owns. tool_call_parser: the format
     of tool calls in replies (api/tool_parsers.py), by default the one each chat template implies.
     admin_key: enables the management API under /admin/ (api/admin.py). reasoning_parser: how replies split
-    into reasoning and answer (api/reasoning_parsers.py), by default not at all."""
+    into reasoning and answer (api/reasoning_parsers.py), by default not at all. response_store: where the
+    Responses API keeps stored responses (default: a ResponseStore with its default bounds)."""
     if isinstance(models, EngineClient):
         engine, models = models, ModelRegistry(sse_ping_s=sse_ping_s, tool_call_parser=tool_call_parser,
                                                reasoning_parser=reasoning_parser)
@@ -149,6 +156,39 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
         async with models.using(req.model) as m:
             return await invocation.answer(m, req, raw)
 
+    responses_store = response_store or ResponseStore()
+
+    @api.post("/v1/responses", response_model=ResponseObject, responses=generate_responses(StreamEvent))
+    async def create_response(req: ResponsesRequest, raw: Request):
+        async with models.using(req.model) as m:
+            return await ServingResponses(m.serving, responses_store).create(req, raw)
+
+    def stored(response_id: str) -> ResponseObject:
+        entry = responses_store.get(response_id)
+        if entry is None:
+            raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id",
+                           code="not_found")
+        return entry.response
+
+    unknown_response = {404: {"model": ErrorResponse, "description": "No stored response has this id"}}
+
+    @api.get("/v1/responses/{response_id}", responses=unknown_response)
+    async def retrieve_response(response_id: str) -> ResponseObject:
+        return stored(response_id)
+
+    @api.delete("/v1/responses/{response_id}", responses=unknown_response)
+    async def delete_response(response_id: str) -> ResponseDeleted:
+        stored(response_id)
+        responses_store.delete(response_id)
+        return ResponseDeleted(id=response_id)
+
+    @api.post("/v1/responses/{response_id}/cancel", responses={
+        **unknown_response, 400: {"model": ErrorResponse, "description": "Only background responses can be "
+                                  "cancelled, and this server runs none"}})
+    async def cancel_response(response_id: str) -> ResponseObject:
+        stored(response_id)
+        raise bad_request("Cannot cancel a synchronous response.")
+
     @api.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
         if (req.prompt is None) == (req.messages is None):
@@ -179,7 +219,8 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
 def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec], api_key: str | None = None,
                sse_ping_s: float = 15.0, engine_in_process: bool = False, tool_call_parser: str | None = None,
                admin_key: str | None = None, memory_budget: int | None = None, model_dir: str | None = None,
-               lora_modules: list[tuple[str, str]] | None = None, reasoning_parser: str | None = None) -> int:
+               lora_modules: list[tuple[str, str]] | None = None, reasoning_parser: str | None = None,
+               response_store: ResponseStore | None = None) -> int:
     """Load the models, then serve until SIGINT or SIGTERM (which drain in-flight requests first).
 
     Each engine runs in a process of its own, or with engine_in_process on a thread of this one. Raises
@@ -193,7 +234,7 @@ def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec],
     for spec in specs:
         models.load_at_start(spec)
     models.startup_loras = list(lora_modules or [])
-    app = build_app(models, admin_key=admin_key, api_key=api_key)
+    app = build_app(models, admin_key=admin_key, api_key=api_key, response_store=response_store)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
 

@@ -326,7 +326,7 @@ def stream_usage_flags(req: SamplingFields) -> tuple[bool, bool]:
     return (bool(opts and opts.include_usage), bool(opts and opts.include_usage and opts.continuous_usage_stats))
 
 
-def _openai_error(e: Exception, request_id: str) -> ErrorResponse:
+def openai_error(e: Exception, request_id: str) -> ErrorResponse:
     if isinstance(e, EngineOverloadedError):
         return ErrorResponse(error=ErrorInfo(message=str(e), type="server_error", code="overloaded"))
     if isinstance(e, EngineStoppedError | EngineDeadError):
@@ -348,7 +348,7 @@ class SSEFraming:
     done: bool = True
     ping: Callable[[], ServerSentEvent] | None = None  # None: a `: ping` comment
     # The error event's body for an exception raised after the status line (given the request id).
-    error: Callable[[Exception, str], BaseModel] = _openai_error
+    error: Callable[[Exception, str], BaseModel] = openai_error
 
 
 def sse_response(chunks: AsyncGenerator[BaseModel, None], request_id: str, ping_s: float,
