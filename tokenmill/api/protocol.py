@@ -33,7 +33,8 @@ class OpenAIModel(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _warn_unknown_fields(cls, data: Any, handler: ModelWrapValidatorHandler) -> Any:
-        if isinstance(data, dict) and (unknown := sorted(set(data) - set(cls.model_fields))):
+        known = {*cls.model_fields, *(f.alias for f in cls.model_fields.values() if f.alias)}
+        if isinstance(data, dict) and (unknown := sorted(set(data) - known)):
             logger.warning("%s: ignored unknown fields %s", cls.__name__, ", ".join(map(str, unknown)))
         return handler(data)
 
