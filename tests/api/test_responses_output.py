@@ -11,6 +11,7 @@ from pydantic import TypeAdapter
 from tokenmill.api.output_parser import OutputDelta, ToolCallDelta
 from tokenmill.api.responses_output import ResponseOutput
 from tokenmill.api.serving import _sse_events
+from tokenmill.api.serving_responses import sse_framing
 from tokenmill.engine.core.engine_client import EngineDeadError
 
 DELTAS = [OutputDelta(reasoning="Paris is "), OutputDelta(reasoning="in France."),
@@ -79,7 +80,7 @@ def test_an_error_after_the_status_line_is_an_error_event_in_the_sequence():
         raise EngineDeadError("the engine died")
 
     async def frames() -> list[dict]:
-        return [frame async for frame in _sse_events(events(), "resp_1", [], out.error, named=True)]
+        return [frame async for frame in _sse_events(events(), "resp_1", [], sse_framing(out))]
 
     frames = asyncio.run(frames())
     assert [f.get("event") for f in frames] == ["response.output_item.added", "response.content_part.added",

@@ -86,8 +86,7 @@ class ServingResponses:
             raise _renamed(e) from None
         turn = _Turn(self, req, request_id, int(arrival), text, tools, conversation)
         if req.stream:
-            framing = SSEFraming(named=True, error=lambda e, rid: turn.out.error(openai_error(e, rid).error))
-            return sse_response(turn.events(streams), request_id, s.sse_ping_s, streams, framing)
+            return sse_response(turn.events(streams), request_id, s.sse_ping_s, streams, sse_framing(turn.out))
         finals = await cancel_on_disconnect(raw, s.final_outputs(streams))
         if finals is None:
             return HTTPResponse(status_code=499)  # the client left; nobody reads this
@@ -240,3 +239,8 @@ def _reject_unsupported(req: ResponsesRequest) -> None:
             raise bad_request(message, field)
     if req.n != 1:
         raise bad_request("n: a response has one reply; n must be 1", "n")
+
+
+def sse_framing(out: ResponseOutput) -> SSEFraming:
+    """The Responses API's stream framing: events named by their type, errors as its numbered `error` event."""
+    return SSEFraming(named=True, error=lambda e, request_id: out.error(openai_error(e, request_id).error))
