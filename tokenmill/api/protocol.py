@@ -39,6 +39,14 @@ class OpenAIModel(BaseModel):
         return handler(data)
 
 
+def one_error(value: Any, handler: ValidatorFunctionWrapHandler, message: str) -> Any:
+    """A wrap validator's body: one message for a bad value, rather than one per member of a union."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError(message) from None
+
+
 # ---- errors ------------------------------------------------------------------------------------
 
 class ErrorInfo(BaseModel):
@@ -223,12 +231,8 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator("tool_choice", mode="wrap")
     @classmethod
     def _one_tool_choice(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        """One message for a bad value, rather than one per member of the union."""
-        try:
-            return handler(value)
-        except ValidationError:
-            raise ValueError('must be "none", "auto", "required" or '
-                             '{"type": "function", "function": {"name": ...}}') from None
+        return one_error(value, handler, 'must be "none", "auto", "required" or '
+                                         '{"type": "function", "function": {"name": ...}}')
 
 
 class TokenizeRequest(OpenAIModel):

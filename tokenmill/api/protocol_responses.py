@@ -18,13 +18,12 @@ from pydantic import (
     Field,
     StringConstraints,
     Tag,
-    ValidationError,
     ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
 
-from .protocol import OpenAIModel, SamplingFields
+from .protocol import OpenAIModel, SamplingFields, one_error
 
 # ---- request: input items ----------------------------------------------------------------------
 
@@ -190,11 +189,7 @@ class ResponsesRequest(SamplingFields):
     @field_validator("tool_choice", mode="wrap")
     @classmethod
     def _one_tool_choice(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        """One message for a bad value, rather than one per member of the union."""
-        try:
-            return handler(value)
-        except ValidationError:
-            raise ValueError('must be "none", "auto", "required" or {"type": "function", "name": ...}') from None
+        return one_error(value, handler, 'must be "none", "auto", "required" or {"type": "function", "name": ...}')
 
 
 # ---- response ----------------------------------------------------------------------------------
