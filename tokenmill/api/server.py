@@ -23,7 +23,7 @@ from tokenmill.engine.core.engine_client import EngineClient
 
 from .admin import admin_router
 from .auth import bearer_key_check
-from .errors import EXPECTED_ERRORS, APIError, bad_request, install_error_handlers, internal_error
+from .errors import EXPECTED_ERRORS, bad_request, install_error_handlers, internal_error
 from .invocations import dispatch, openapi_request_body, openapi_responses
 from .model_spec import ModelSpec
 from .models import ModelRegistry, ServedModel
@@ -37,18 +37,15 @@ from .protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
-    ErrorResponse,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
     generate_responses,
 )
-from .protocol_responses import Response as ResponseObject
-from .protocol_responses import ResponseDeleted, ResponsesRequest, StreamEvent
 from .response_store import ResponseStore
 from .serving_messages import messages_router
-from .serving_responses import ServingResponses
+from .serving_responses import add_responses_routes
 from .tools import ToolRequest
 
 logger = logging.getLogger("tokenmill.api")
@@ -156,38 +153,7 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
         async with models.using(req.model) as m:
             return await invocation.answer(m, req, raw)
 
-    responses_store = response_store or ResponseStore()
-
-    @api.post("/v1/responses", response_model=ResponseObject, responses=generate_responses(StreamEvent))
-    async def create_response(req: ResponsesRequest, raw: Request):
-        async with models.using(req.model) as m:
-            return await ServingResponses(m.serving, responses_store).create(req, raw)
-
-    def stored(response_id: str) -> ResponseObject:
-        entry = responses_store.get(response_id)
-        if entry is None:
-            raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id",
-                           code="not_found")
-        return entry.response
-
-    unknown_response = {404: {"model": ErrorResponse, "description": "No stored response has this id"}}
-
-    @api.get("/v1/responses/{response_id}", responses=unknown_response)
-    async def retrieve_response(response_id: str) -> ResponseObject:
-        return stored(response_id)
-
-    @api.delete("/v1/responses/{response_id}", responses=unknown_response)
-    async def delete_response(response_id: str) -> ResponseDeleted:
-        stored(response_id)
-        responses_store.delete(response_id)
-        return ResponseDeleted(id=response_id)
-
-    @api.post("/v1/responses/{response_id}/cancel", responses={
-        **unknown_response, 400: {"model": ErrorResponse, "description": "Only background responses can be "
-                                  "cancelled, and this server runs none"}})
-    async def cancel_response(response_id: str) -> ResponseObject:
-        stored(response_id)
-        raise bad_request("Cannot cancel a synchronous response.")
+    add_responses_routes(api, models, response_store or ResponseStore())
 
     @api.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> TokenizeResponse:

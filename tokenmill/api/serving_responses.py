@@ -11,8 +11,9 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response as HTTPResponse
 from pydantic import BaseModel
 
@@ -24,11 +25,13 @@ from .protocol import (
     ChatMessage,
     ChatTool,
     ChatToolCall,
+    ErrorResponse,
     FunctionCall,
     FunctionDefinition,
     FunctionName,
     NamedToolChoice,
     ResponseFormat,
+    generate_responses,
 )
 from .protocol_responses import (
     FunctionCallItem,
@@ -41,15 +44,20 @@ from .protocol_responses import (
     OutputMessage,
     OutputTokensDetails,
     Response,
+    ResponseDeleted,
     ResponseError,
     ResponsesRequest,
     ResponseUsage,
+    StreamEvent,
     TextConfig,
 )
 from .response_store import ResponseStore
 from .responses_output import ResponseOutput
 from .serving import OpenAIServing, SSEFraming, cancel_on_disconnect, constraint_field, openai_error, sse_response
 from .tools import ToolRequest
+
+if TYPE_CHECKING:
+    from .models import ModelRegistry
 
 
 class ServingResponses:
@@ -244,3 +252,38 @@ def _reject_unsupported(req: ResponsesRequest) -> None:
 def sse_framing(out: ResponseOutput) -> SSEFraming:
     """The Responses API's stream framing: events named by their type, errors as its numbered `error` event."""
     return SSEFraming(named=True, error=lambda e, request_id: out.error(openai_error(e, request_id).error))
+
+
+def add_responses_routes(api: APIRouter, models: ModelRegistry, responses_store: ResponseStore) -> None:
+    """POST /v1/responses and the stored responses' GET, DELETE and cancel, on the OpenAI routes' router."""
+
+    @api.post("/v1/responses", response_model=Response, responses=generate_responses(StreamEvent))
+    async def create_response(req: ResponsesRequest, raw: Request):
+        async with models.using(req.model) as m:
+            return await ServingResponses(m.serving, responses_store).create(req, raw)
+
+    def stored(response_id: str) -> Response:
+        entry = responses_store.get(response_id)
+        if entry is None:
+            raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id",
+                           code="not_found")
+        return entry.response
+
+    unknown_response = {404: {"model": ErrorResponse, "description": "No stored response has this id"}}
+
+    @api.get("/v1/responses/{response_id}", responses=unknown_response)
+    async def retrieve_response(response_id: str) -> Response:
+        return stored(response_id)
+
+    @api.delete("/v1/responses/{response_id}", responses=unknown_response)
+    async def delete_response(response_id: str) -> ResponseDeleted:
+        stored(response_id)
+        responses_store.delete(response_id)
+        return ResponseDeleted(id=response_id)
+
+    @api.post("/v1/responses/{response_id}/cancel", responses={
+        **unknown_response, 400: {"model": ErrorResponse, "description": "Only background responses can be "
+                                  "cancelled, and this server runs none"}})
+    async def cancel_response(response_id: str) -> Response:
+        stored(response_id)
+        raise bad_request("Cannot cancel a synchronous response.")
