@@ -121,17 +121,21 @@ class GrammarCompiler:
             key, future = self._jobs.get()
             try:
                 future.set_result(self._compile_key(key))
-            except Exception as e:
+            except ValueError as e:
                 future.set_exception(e)
+            except Exception as e:  # whatever else a compile raises is this request's problem, not the engine's
+                future.set_exception(ValueError(f"invalid structured_outputs: {type(e).__name__}: {e}"))
 
     def _compile_key(self, key: str) -> Any:
         spec = json.loads(key)
         whitespace = {"any_whitespace": not spec["ws"], "max_whitespace_cnt": MAX_JSON_WHITESPACE}
         grammar = self._xgr.Grammar
-        kind = next(k for k in ("json", "json_object", "regex", "choice", "grammar") if spec[k])
+        # The field an error names: the one given ({} is a JSON schema too: any JSON value).
+        kind = next(k for k in ("json", "json_object", "regex", "choice", "grammar") if spec[k] not in (None, False))
         try:
             if spec["json"] is not None or spec["json_object"]:
-                answer = grammar.from_json_schema(json.dumps(spec["json"] or {"type": "object"}), **whitespace)
+                schema = spec["json"] if spec["json"] is not None else {"type": "object"}
+                answer = grammar.from_json_schema(json.dumps(schema), **whitespace)
             elif spec["regex"] is not None:
                 answer = grammar.from_regex(spec["regex"])
             else:
