@@ -93,6 +93,8 @@ REPLIES = [
     '<tool_call>{"name": "f", "arguments": {oops}}</tool_call>',
     '<tool_call>{"arguments": {"z": true, "y": null}, "name": "h"}</tool_call>',
     '<tool_call>{"name": "f", "\\q": {"a": 1}}</tool_call>',  # a key with a bad escape
+    '<tool_call>{"name": "f", "arguments": {"a": 1, "b": True}}</tool_call>',  # a later member goes wrong
+    '<tool_call>{"name": "f", "arguments": {"x": NaN, "y": 2}}</tool_call>',  # no JSON has NaN
     '  {"name": "f", "parameters": {"x": "<tool_call>", "n": -12}}; {"name": "g", "parameters": {}}',
     '[{"name": "f", "arguments": {"a": 1, "b": "é"}}, {"name": "g", "arguments": {"c": [3, 4]}}]',
     '{"city": "Paris", "unit": "celsius"}',
@@ -136,6 +138,13 @@ def test_arguments_stream_member_by_member():
     _, calls, pieces = _fold(HermesParser(), REPLIES[0], list(range(len(REPLIES[0]))), None)
     assert pieces[0] == ["", "{", '"a": [1, 2]', ', "b": "x,}\\"{"', ', "c": {"d": 1.5e3}}']
     assert json.loads(calls[0][1]) == {"a": [1, 2], "b": 'x,}"{', "c": {"d": 1500.0}}
+
+
+def test_arguments_that_go_wrong_keep_the_members_sent_before():
+    text = '<tool_call>{"name": "f", "arguments": {"a": 1, "b": True}}</tool_call>'
+    _, calls, _ = _fold(HermesParser(), text, list(range(len(text))), None)
+    assert calls == [("f", '{"a": 1')] == [(c.name, c.arguments) for c in OutputParser(HermesParser()).parse(text)
+                                           .tool_calls]
 
 
 def test_content_before_a_call_streams_before_the_call_ends():

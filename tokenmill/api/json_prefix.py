@@ -65,11 +65,15 @@ def _add_member(read: ObjectPrefix, text: str, stop: int, closing: bool) -> bool
     span = text[read.open:stop]
     if not span.strip():
         return closing and read.open == read.start + 1
-    try:
-        member = json.loads("{" + span + "}")
+    try:  # NaN and Infinity are no JSON: clients' parsers refuse them
+        member = json.loads("{" + span + "}", parse_constant=_no_constant)
     except ValueError:
         return False
     (key, value), = member.items()  # a single member: the object's own commas separate members
     value_start = read.open + _KEY.match(span).end()
     read.members.setdefault(key, (value, value_start, read.open + len(span.rstrip())))
     return True
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")

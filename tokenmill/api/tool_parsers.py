@@ -84,26 +84,30 @@ def read_call(text: str, start: int, arguments_keys: tuple[str, ...]) -> CallPre
     if key is not None:
         value, a, b = call.members[key]
         arguments = text[a:b] if isinstance(value, dict) else _object_text(value)
+        ok = arguments is not None
+    elif call.end is not None:
+        arguments, ok = "{}", True
     else:
-        arguments = "{}" if call.end is not None else _partial_arguments(text, call.open, arguments_keys)
+        arguments, ok = _partial_arguments(text, call.open, arguments_keys)
     read.arguments = arguments or ""
-    read.valid = read.valid and arguments is not None and (read.name is not None or call.end is None)
+    read.valid = read.valid and ok and (read.name is not None or call.end is None)
     if not read.valid:
         read.end = None
     return read
 
 
-def _partial_arguments(text: str, member: int, arguments_keys: tuple[str, ...]) -> str | None:
-    """The sendable text of an arguments object still arriving in the member at text[member:] ("" if that
-    member is something else); None if it went wrong."""
+def _partial_arguments(text: str, member: int, arguments_keys: tuple[str, ...]) -> tuple[str, bool]:
+    """(the sendable text of an arguments object still arriving in the member at text[member:], "" if that
+    member is something else; False if it went wrong). Gone wrong, the text is still its whole members so
+    far: what a stream had sent, which the whole reply must hold too."""
     m = _OBJECT_MEMBER.match(text, member)
     try:
         if not m or json.loads(m.group(1)) not in arguments_keys:
-            return ""
+            return "", True
     except ValueError:  # a key with a bad escape
-        return None
+        return "", False
     arguments = read_object(text, m.end() - 1)
-    return text[arguments.start:arguments.done] if arguments.valid else None
+    return text[arguments.start:arguments.done], arguments.valid
 
 
 _OBJECT_MEMBER = re.compile(r'\s*("(?:[^"\\]|\\.)*")\s*:\s*\{')  # a member whose value is an object
