@@ -250,8 +250,10 @@ def _reject_unsupported(req: ResponsesRequest) -> None:
 
 
 def sse_framing(out: ResponseOutput) -> SSEFraming:
-    """The Responses API's stream framing: events named by their type, errors as its numbered `error` event."""
-    return SSEFraming(named=True, error=lambda e, request_id: out.error(openai_error(e, request_id).error))
+    """The Responses API's stream framing: events named by their type, errors as its numbered `error` event,
+    and no `[DONE]` (the stream ends with its terminal event, as OpenAI's does)."""
+    return SSEFraming(named=True, done=False,
+                      error=lambda e, request_id: out.error(openai_error(e, request_id).error))
 
 
 def add_responses_routes(api: APIRouter, models: ModelRegistry, responses_store: ResponseStore) -> None:
