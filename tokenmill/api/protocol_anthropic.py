@@ -274,10 +274,6 @@ class PingEvent(BaseModel):
     type: Literal["ping"] = "ping"
 
 
-StreamEvent = (MessageStartEvent | ContentBlockStartEvent | ContentBlockDeltaEvent | ContentBlockStopEvent
-               | MessageDeltaEvent | MessageStopEvent)
-
-
 # ---- errors ------------------------------------------------------------------------------------
 
 ErrorType = Literal["invalid_request_error", "authentication_error", "permission_error", "not_found_error",

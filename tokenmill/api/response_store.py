@@ -2,7 +2,8 @@
 previous_response_id.
 
 In memory and bounded three ways, so that clients cannot grow the server without end: a number of
-entries, their total size (the JSON of the response and of its conversation), and an age. The oldest
+entries, their total size (the UTF-8 JSON of the response and of its conversation; the objects held
+in memory take a few times that), and an age. The oldest
 entries go first.
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ class ResponseStore:
     def put(self, response: Response, conversation: list) -> None:
         """Store a response, evicting the oldest entries to make room. One larger than the whole store
         is not kept (a later GET of it is a 404), and the log says so."""
-        size = len(response.model_dump_json()) + len(_ITEMS.dump_json(conversation))
+        size = len(response.model_dump_json().encode()) + len(_ITEMS.dump_json(conversation))  # UTF-8 bytes
         if size > self.max_bytes:
             logger.warning("response %s (%d bytes) is larger than the response store (%d bytes); not stored",
                            response.id, size, self.max_bytes)
