@@ -83,7 +83,7 @@ def read_call(text: str, start: int, arguments_keys: tuple[str, ...]) -> CallPre
     key = next((k for k in call.members if k in arguments_keys), None)
     if key is not None:
         value, a, b = call.members[key]
-        arguments = text[a:b] if isinstance(value, dict) else _object_text(value)
+        arguments = text[start + a:start + b] if isinstance(value, dict) else _object_text(value)
         ok = arguments is not None
     elif call.end is not None:
         arguments, ok = "{}", True
