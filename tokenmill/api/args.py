@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                        help="PEFT LoRA adapters served as models of their own on the first model (implies "
                             "--enable-lora); more load through POST /v1/load_lora_adapter with --admin-key")
+    serve.add_argument("--speculative-config", default=None, metavar="JSON",
+                       help='speculative decoding, as vLLM takes it: {"method": "ngram", "num_speculative_tokens": 4, '
+                            '"prompt_lookup_min": 2, "prompt_lookup_max": 5} or {"model": DRAFT_PATH, '
+                            '"num_speculative_tokens": 3}; see the README for when it pays (default: off)')
     serve.add_argument("--model-dir", default=None,
                        help="a folder of models (.gguf files, HF folders) loaded when first requested by name")
     limits = RequestLimits()
@@ -214,6 +218,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         fault_injection=args.fault_injection,
                         quantization=args.quantization, enable_lora=args.enable_lora or bool(args.lora_modules),
                         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                        speculative_config=args.speculative_config,
                         limits=RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts, max_stop=args.max_stop,
                                              max_stop_len=args.max_stop_len,
                                              max_stop_token_ids=args.max_stop_token_ids,

@@ -63,6 +63,36 @@ class _EngineStatsCollector(Collector):
             for reason, count in sorted(stats.finished_reasons.items()):
                 success.add_metric([*labels, reason], count)
         yield success
+        yield from _spec_decode_metrics(models, label_names)
+
+
+def _spec_decode_metrics(models: list[tuple[list[str], EngineStats]], label_names: list[str]) -> Iterator:
+    """vLLM's speculative-decoding counters, and the acceptance rate and mean accepted length derived from
+    them since start (rate() of the counters gives them over a window), for engines that speculate."""
+    spec = [(labels, stats.spec_decode) for labels, stats in models if stats.spec_decode is not None]
+    if not spec:
+        return
+    for name, doc, field in (("num_drafts", "Proposals verified (a sequence's drafts in one step).", "num_drafts"),
+                             ("num_draft_tokens", "Draft tokens proposed and verified.", "num_draft_tokens"),
+                             ("num_accepted_tokens", "Draft tokens accepted.", "num_accepted_tokens")):
+        family = CounterMetricFamily(PREFIX + "spec_decode_" + name + "_total", doc, labels=label_names)
+        for labels, s in spec:
+            family.add_metric(labels, getattr(s, field))
+        yield family
+    per_pos = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos_total",
+                                  "Draft tokens accepted, by position in the proposal (0: first).",
+                                  labels=[*label_names, "position"])
+    rate = GaugeMetricFamily(PREFIX + "spec_decode_draft_acceptance_rate",
+                             "Accepted over proposed draft tokens since start.", labels=label_names)
+    length = GaugeMetricFamily(PREFIX + "spec_decode_mean_acceptance_length",
+                               "Tokens emitted per verified proposal since start (1 + accepted drafts).",
+                               labels=label_names)
+    for labels, s in spec:
+        for pos, count in enumerate(s.accepted_per_pos):
+            per_pos.add_metric([*labels, str(pos)], count)
+        rate.add_metric(labels, s.num_accepted_tokens / s.num_draft_tokens if s.num_draft_tokens else 0.0)
+        length.add_metric(labels, 1 + s.num_accepted_tokens / s.num_drafts if s.num_drafts else 0.0)
+    yield from (per_pos, rate, length)
 
 
 class ServerMetrics:

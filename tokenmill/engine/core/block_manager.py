@@ -104,11 +104,14 @@ class BlockManager:
         total = seq.num_computed_tokens + num_cached * self.block_size + num_new_tokens
         return max(0, -(-total // self.block_size) - len(seq.block_ids) - num_cached)
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] | None = None,
+                 num_lookahead_tokens: int = 0) -> bool:
         """Give seq the blocks for num_new_tokens more tokens, computed in the coming step, and make the
         blocks those tokens fill findable. On admission, cached_blocks (maybe empty) is its prefix found
-        in the cache. Returns False, changing nothing, if the pool is short."""
-        if not self.can_allocate(seq, num_new_tokens, cached_blocks):
+        in the cache. num_lookahead_tokens more slots hold draft tokens to verify: their blocks are never
+        registered (the drafts may be rejected), and trim() gives back those left unused. Returns False,
+        changing nothing, if the pool is short."""
+        if not self.can_allocate(seq, num_new_tokens + num_lookahead_tokens, cached_blocks):
             return False
         if cached_blocks is not None and self.enable_prefix_caching:
             self.prefix_queries += seq.num_tokens
@@ -121,8 +124,9 @@ class BlockManager:
                 self.ref_counts[b] += 1
             seq.block_ids = list(cached_blocks)
             seq.num_computed_tokens = seq.num_cached_tokens = len(cached_blocks) * self.block_size
+            seq.num_draft_computed = seq.num_computed_tokens  # a draft model computed them too, if there is one
             seq.num_registered_blocks = len(cached_blocks)
-        for _ in range(self._blocks_needed(seq, num_new_tokens, 0)):
+        for _ in range(self._blocks_needed(seq, num_new_tokens + num_lookahead_tokens, 0)):
             seq.block_ids.append(self._take_free_block())
         self._register_full_blocks(seq, seq.num_computed_tokens + num_new_tokens)
         return True
@@ -181,8 +185,18 @@ class BlockManager:
             if self.ref_counts[block_id] == 0:
                 self.free_queue[block_id] = None
         seq.block_ids = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_draft_computed = 0
         seq.num_registered_blocks = 0
+
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past seq's tokens: those that held only rejected draft tokens. Never
+        registered, and held by seq alone, they go straight back to the free queue."""
+        keep = -(-seq.num_tokens // self.block_size)
+        for block_id in reversed(seq.block_ids[keep:]):
+            assert self.ref_counts[block_id] == 1 and self.block_hash[block_id] is None
+            self.ref_counts[block_id] = 0
+            self.free_queue[block_id] = None
+        del seq.block_ids[keep:]
 
     def reset_prefix_cache(self) -> None:
         for block_id in self.cached.values():

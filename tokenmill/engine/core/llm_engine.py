@@ -31,6 +31,7 @@ from tokenmill.engine.sampling.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.sampling.sampler import PenaltyState, Sampler, SamplerOutput, SamplingMetadata
 from tokenmill.engine.sampling.sampling_params import SamplingParams
 from tokenmill.engine.sampling.structured_output import GrammarCompiler, token_bitmask_op
+from tokenmill.engine.spec_decode.speculator import SpecDecodeStats, Speculator
 from tokenmill.engine.weights.loader import load_model_files
 from tokenmill.engine.weights.lora import LoRAInfo, LoRASlots
 
@@ -67,6 +68,7 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     finished_reasons: dict[str, int] = field(default_factory=dict)
+    spec_decode: SpecDecodeStats | None = None  # None: speculative decoding is off
 
 
 class LLMEngine:
@@ -102,6 +104,10 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(token_bitmask_op(self.runner.device, self.runner.ops))
+        self.speculator: Speculator | None = None
+        if config.speculative_config is not None:
+            self.speculator = Speculator(config.speculative_config, self.max_model_len, mc.vocab_size,
+                                         self.runner.device, self.runner.draft)
         self.eos_token_ids = set(mc.eos_token_id)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -249,9 +255,13 @@ class LLMEngine:
         self.num_steps += 1
         if self.faults is not None:
             self.faults.on_step(self.num_steps)
+        if self.speculator is not None:
+            self.speculator.plan(self.scheduler.running)
         sched = self.scheduler.schedule()
         if sched.is_empty():
             return []
+        if self.speculator is not None:
+            self.speculator.propose(sched)
         now = time.time()
         for seq in sched.seqs:
             m = self.requests[seq.request_id].metrics
@@ -267,20 +277,31 @@ class LLMEngine:
         samples = self._sample(out.logits, sample_seqs)
         now = time.time()
         touched: dict[str, _Request] = {}
-        for seq, sample in zip(sample_seqs, samples, strict=False):
+        row = 0
+        for seq in sample_seqs:
+            num_drafts = len(seq.spec_token_ids)
+            rows, row = samples[row:row + 1 + num_drafts], row + 1 + num_drafts
             req = touched[seq.request_id] = self.requests[seq.request_id]
             if req.error is not None:  # an earlier sample of this request already failed it
                 continue
             try:
-                if isinstance(sample, Exception):
-                    raise sample
-                self._append(seq, *sample)
-                if self.faults is not None:
-                    self.faults.on_token(req.fault_text)
+                failed = next((r for r in rows if isinstance(r, Exception)), None)
+                if failed is not None:
+                    raise failed
+                if num_drafts:  # the confirmed drafts, then the target's own token after them
+                    rows = rows[:self.speculator.verified(seq, [r[0] for r in rows]) + 1]
+                for sample in rows:
+                    self._append(seq, *sample)
+                    self.num_generation_tokens += 1
+                    if self.faults is not None:
+                        self.faults.on_token(req.fault_text)
+                    if seq.is_finished:
+                        break
+                if num_drafts and not seq.is_finished:
+                    self.block_manager.trim(seq)  # the rejected drafts' slots
             except Exception as e:
                 self._fail_request(req, e)
             req.metrics.first_token_time = req.metrics.first_token_time or now
-        self.num_generation_tokens += len(sample_seqs)
         results = []
         for req in touched.values():
             if req.finished:
@@ -290,40 +311,57 @@ class LLMEngine:
         return results
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple | Exception]:
-        """(token, logprob, top logprobs) per row, sampled as one batch. If the batch fails, each row is
-        sampled alone, so that a row at fault fails only its own request (its entry is the exception)."""
+        """(token, logprob, top logprobs) per row, sampled as one batch: a row per sequence, and one more per
+        draft token it verifies. If the batch fails, each row is sampled alone, so that a row at fault fails
+        only its own request (its entry is the exception)."""
+        rows = [(seq, j) for seq in seqs for j in range(1 + len(seq.spec_token_ids))]
         try:
-            return self._sample_rows(logits, seqs)
+            return self._sample_rows(logits, rows)
         except Exception as e:
-            if len(seqs) == 1:
+            if len(rows) == 1:
                 return [e]
-            logger.warning("batched sampling failed (%s); sampling the %d rows one by one", e, len(seqs))
+            logger.warning("batched sampling failed (%s); sampling the %d rows one by one", e, len(rows))
         results: list[tuple | Exception] = []
-        for i, seq in enumerate(seqs):
+        for i, row in enumerate(rows):
             try:
-                results += self._sample_rows(logits[i:i + 1], [seq])
+                results += self._sample_rows(logits[i:i + 1], [row])
             except Exception as e:
                 results.append(e)
         return results
 
-    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple]:
+    def _sample_rows(self, logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> list[tuple]:
+        """rows: (sequence, j): the row after the sequence's tokens and its first j draft tokens."""
+        seqs = [s for s, _ in rows]
         if self.faults is not None:
             self.faults.on_sample([self.requests[s.request_id].fault_text for s in seqs])
         # The grammar masks first: on a GPU the forward is still running, and what follows may wait for it
         # (a copy from pageable host memory synchronizes), so the masks fill on the host meanwhile.
         bitmask = None
-        rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
-        if rows:
-            bitmask = (self._grammar_compiler().bitmask(len(seqs), rows, [seqs[i].matcher for i in rows]), rows)
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]  # never with drafts
+        if constrained:
+            bitmask = (self._grammar_compiler().bitmask(len(seqs), constrained,
+                                                        [seqs[i].matcher for i in constrained]), constrained)
         params = [s.params for s in seqs]
         states = None
         if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
-            states = [self._penalty_state(s) for s in seqs]
+            states = [self._penalty_state(s) for s in seqs]  # penalized sequences have no drafts
         meta = SamplingMetadata.build(
-            params, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
+            params, [s.prompt_token_ids for s in seqs], [s.output_token_ids + s.spec_token_ids[:j] for s, j in rows],
             [s.generator for s in seqs], self.model_config.vocab_size, logits.device, states, bitmask)
+        if any(s.spec_token_ids for s in seqs):
+            self._add_drafts(meta, rows, logits.device)
         out: SamplerOutput = self.sampler(logits, meta)
         return list(zip(out.token_ids, out.logprobs, out.top_logprobs, strict=False))
+
+    def _add_drafts(self, meta: SamplingMetadata, rows: list[tuple[Sequence, int]], device: torch.device) -> None:
+        """The draft token each row verifies (-1 on a sequence's last row), and a draft model's distributions."""
+        drafts = [s.spec_token_ids[j] if j < len(s.spec_token_ids) else -1 for s, j in rows]
+        meta.draft_token_ids = torch.tensor(drafts, dtype=torch.long, device=device)
+        if any(s.spec_draft_probs is not None for s, _ in rows) and not meta.all_greedy:
+            meta.draft_probs = torch.zeros(len(rows), meta.vocab_size, device=device)
+            for i, (s, j) in enumerate(rows):
+                if s.spec_draft_probs is not None and j < len(s.spec_token_ids):
+                    meta.draft_probs[i] = s.spec_draft_probs[j]
 
     def _penalty_state(self, seq: Sequence) -> PenaltyState:
         if seq.penalty_state is None:
@@ -419,4 +457,5 @@ class LLMEngine:
             kv_cache_usage=bm.usage(), num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
             prompt_tokens=self.num_prompt_tokens, generation_tokens=self.num_generation_tokens,
-            finished_reasons=dict(self.finished_reasons))
+            finished_reasons=dict(self.finished_reasons),
+            spec_decode=self.speculator.stats() if self.speculator is not None else None)

@@ -60,6 +60,13 @@ class Sequence:
         self.num_sent_tokens = 0  # output tokens already handed out in a delta
         self.finish_sent = False  # the delta carrying finish_reason has gone out
         self.penalty_state: PenaltyState | None = None  # made on first use by a penalty
+        # Speculative decoding (engine/spec_decode): the draft tokens this step verifies after the sequence's
+        # last token, and the distributions a draft model drew them from ([k, vocab]; None: certain guesses).
+        self.spec_token_ids: list[int] = []
+        self.spec_draft_probs: torch.Tensor | None = None
+        self.num_lookahead_tokens = 0  # slots asked for (before scheduling) and granted (after) for drafts
+        self.num_draft_computed = 0  # leading tokens whose KV the draft model holds (in the same blocks)
+        self.spec_state = None  # the proposer's own per-sequence state (an n-gram index, acceptance history)
 
     @property
     def num_tokens(self) -> int:

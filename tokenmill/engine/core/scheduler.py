@@ -59,7 +59,13 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.allocate(seq, n):
+            # Draft tokens to verify (speculative decoding) only ride on a decode, and only with budget and
+            # blocks to spare: they are dropped before anything is preempted for them.
+            lookahead = min(seq.num_lookahead_tokens, budget - n) if n == 1 else 0
+            if lookahead and not self.block_manager.allocate(seq, n, num_lookahead_tokens=lookahead):
+                lookahead = 0
+            seq.num_lookahead_tokens = lookahead
+            while not lookahead and not self.block_manager.allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
@@ -69,7 +75,7 @@ class Scheduler:
             else:
                 out.seqs.append(seq)
                 out.num_tokens.append(n)
-                budget -= n
+                budget -= n + lookahead
                 i += 1
         # Admitting new work right after a preemption would only thrash the pool. Preemption happens
         # only above, before any admission, and only to sequences not yet given blocks this step, so
@@ -81,6 +87,7 @@ class Scheduler:
             if not self.block_manager.allocate(seq, n, cached):
                 break
             self.waiting.popleft()
+            seq.num_lookahead_tokens = 0
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.seqs.append(seq)

@@ -24,6 +24,7 @@ from tokenmill.engine.models.layers import AttentionMetadata, TensorParallel, ke
 from tokenmill.engine.models.llama import LlamaForCausalLM
 from tokenmill.engine.outputs import Logprob
 from tokenmill.engine.sampling.prompt_logprobs import compute_prompt_logprobs
+from tokenmill.engine.spec_decode.draft_model import DraftModel
 from tokenmill.engine.weights.loader import init_dummy_weights
 from tokenmill.engine.weights.lora import LoRASlots
 from tokenmill.engine.weights.quantization import pack_linears
@@ -37,7 +38,8 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 @dataclass
 class ModelRunnerOutput:
     """One step's results: float32 logits of the sequences that sample (those whose scheduled tokens reach
-    their last token), those sequences, and the prompt logprobs scored this step, per sequence."""
+    their last token: a row for the last token, then one per draft token it verifies), those sequences, and
+    the prompt logprobs scored this step, per sequence."""
 
     logits: torch.Tensor | None = None
     sample_seqs: list[Sequence] = field(default_factory=list)
@@ -115,7 +117,13 @@ class ModelRunner:
                 self.loras = LoRASlots(self.model, model_config, config, self.ops)
         self.model.eval()
         self.num_kv_heads = len(self.model.heads.kv_heads)  # this rank's: its pool holds only those
+        spec = config.speculative_config
+        self.draft: DraftModel | None = None  # its KV cache shares the target's blocks (and the pool's budget)
+        if spec is not None and spec.method == "draft_model":
+            self.draft = DraftModel(spec, config, model_config, max_model_len, self.ops)
         self.num_blocks = self._num_kv_blocks(max_model_len)
+        if self.draft is not None:
+            self.draft.allocate_kv(self.num_blocks)
         c = model_config
         shape = (2, self.num_blocks, self.block_size, self.num_kv_heads, c.head_dim)
         # Zeroed, not empty: attention reads whole blocks, and 0 * NaN from stale memory would be NaN.
@@ -145,7 +153,8 @@ class ModelRunner:
     def _bytes_per_block(self) -> int:
         c = self.model_config
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * c.num_hidden_layers * self.block_size * self.num_kv_heads * c.head_dim * elem
+        draft = self.draft.bytes_per_block(self.block_size) if self.draft is not None else 0
+        return 2 * c.num_hidden_layers * self.block_size * self.num_kv_heads * c.head_dim * elem + draft
 
     def _num_kv_blocks(self, max_model_len: int) -> int:
         budget = self.config.kv_cache_memory
@@ -247,14 +256,17 @@ class ModelRunner:
         prompt_targets: list[int] = []
         prompt_spans: list[tuple[Sequence, int]] = []
         bs = self.block_size
+        num_tokens = []  # per sequence, its draft tokens included
         for seq, n in zip(sched.seqs, sched.num_tokens, strict=False):
             start = seq.num_computed_tokens
             end = start + n
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
+            drafts = seq.spec_token_ids  # verified after the last token: a query of 1 + k tokens
+            input_ids += seq.token_ids[start:end] + drafts
+            positions += range(start, end + len(drafts))
             blocks = seq.block_ids
-            slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
-            seq_lens.append(end)
+            slots += [blocks[p // bs] * bs + p % bs for p in range(start, end + len(drafts))]
+            seq_lens.append(end + len(drafts))
+            num_tokens.append(n + len(drafts))
             if seq.prompt_logprobs is not None:
                 # Position p scores prompt token p + 1. Those scored before a preemption are not scored again.
                 first, last = max(start, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)
@@ -262,9 +274,9 @@ class ModelRunner:
                     prompt_rows += range(query_start_loc[-1] + first - start, query_start_loc[-1] + last - start)
                     prompt_targets += seq.token_ids[first + 1:last + 1]
                     prompt_spans.append((seq, last - first))
-            query_start_loc.append(query_start_loc[-1] + n)
-            if end == seq.num_tokens:
-                logits_indices.append(query_start_loc[-1] - 1)
+            query_start_loc.append(query_start_loc[-1] + n + len(drafts))
+            if end == seq.num_tokens:  # the last token's row, then one per draft token
+                logits_indices += range(query_start_loc[-1] - 1 - len(drafts), query_start_loc[-1])
                 sample_seqs.append(seq)
         max_blocks = max(len(s.block_ids) for s in sched.seqs)
         block_tables = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in sched.seqs]
@@ -277,7 +289,7 @@ class ModelRunner:
             _host_tensor(seq_lens, torch.int32, pin), _host_tensor(query_start_loc, torch.int32, pin),
             _host_tensor(logits_indices, torch.long, pin), _host_tensor(prompt_rows, torch.long, pin),
             prompt_targets, [seq.params.prompt_logprobs for seq, k in prompt_spans for _ in range(k)],
-            self.loras.plan(sched.seqs, sched.num_tokens, self.device) if self.loras else None)
+            self.loras.plan(sched.seqs, num_tokens, self.device) if self.loras else None)
         return inputs, sample_seqs, prompt_spans
 
     @torch.inference_mode()
@@ -286,8 +298,9 @@ class ModelRunner:
         prompt logprobs of the prompt rows)."""
         graphs = self.decode_graphs
         # The graphs were captured without adapters: a step that runs one goes eagerly.
-        if (graphs is not None and inputs.lora_plan is None
-                and len(inputs.logits_indices) == len(inputs.input_ids) <= graphs.max_batch_size):
+        batch = len(inputs.seq_lens)
+        one_each = len(inputs.logits_indices) == len(inputs.input_ids) == batch  # not a verify of drafts
+        if graphs is not None and inputs.lora_plan is None and one_each and batch <= graphs.max_batch_size:
             # Every sequence runs one token and samples it: a decode step (so no prompt row), replayed from a graph.
             hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.block_tables,
                                 inputs.seq_lens)

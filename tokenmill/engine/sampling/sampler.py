@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.engine.sampling.sampling_params import SamplingParams
+from tokenmill.engine.spec_decode.rejection import rejection_sample
 from tokenmill.kernels import reference
 
 
@@ -63,6 +64,10 @@ class SamplingMetadata:
     max_num_logprobs: int
     # Structured outputs: ([batch, vocab / 32] int32 bits of the allowed tokens, the constrained rows)
     token_bitmask: tuple[torch.Tensor, list[int]] | None = None
+    # Speculative decoding: the draft token each row verifies (-1: none), and the distributions the draft
+    # model drew them from (None: certain guesses, as n-gram proposals are); see spec_decode/rejection.py.
+    draft_token_ids: torch.Tensor | None = None
+    draft_probs: torch.Tensor | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], prompt_token_ids: list[list[int]],
@@ -177,8 +182,8 @@ def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor
     return logits
 
 
-def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Temperature, min_p, top_k, top_p, then an exponential race; modifies logits."""
+def random_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """The distribution random rows sample from: temperature, min_p, top_k, top_p, softmax; modifies logits."""
     if meta.temperature is not None:
         logits /= meta.temperature
     if meta.min_p is not None:
@@ -198,13 +203,26 @@ def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor
         # Back to vocab order, so a seeded row's noise lines up with the same token ids
         # whether or not another row made the batch take this path.
         logits.scatter_(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    noise = torch.empty_like(probs).exponential_()
+    return logits.softmax(dim=-1)
+
+
+def race(weights: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """One token per row, drawn in proportion to weights (need not sum to 1) by an exponential race:
+    argmax(w_i / E_i) with E_i ~ Exp(1); seeded rows draw their noise from their own generator."""
+    noise = torch.empty_like(weights).exponential_()
     for row, generator in meta.generators:
         noise[row].exponential_(generator=generator)
     # exponential_ can return exactly 0; 0/0 would be NaN, and argmax picks NaN.
     noise.clamp_min_(torch.finfo(noise.dtype).tiny)
-    return probs.div_(noise).argmax(dim=-1)
+    return weights.div(noise).argmax(dim=-1)
+
+
+def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    probs = random_probs(logits, meta)
+    if meta.draft_token_ids is None:
+        return race(probs, meta)
+    return rejection_sample(probs, meta.draft_token_ids, meta.draft_probs, meta.generators,
+                            lambda w: race(w, meta))
 
 
 class Sampler:
@@ -251,3 +269,15 @@ class Sampler:
                 ids, lps = row[2:2 + n], row[2 + n_top:2 + n_top + n]
                 out.top_logprobs.append([(int(t), lp) for t, lp in zip(ids, lps, strict=False)])
         return out
+
+
+def propose_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[list[int], torch.Tensor | None]:
+    """A draft model's tokens: greedy rows take the argmax, random rows sample their processed distribution,
+    which comes back too (the rejection sampler needs it; its greedy rows are not read); None if all greedy."""
+    x = logits.to(torch.float32, copy=True)
+    process_logits(x, meta)
+    greedy_ids = x.argmax(dim=-1)
+    if meta.all_greedy:
+        return greedy_ids.tolist(), None
+    probs = random_probs(x, meta)
+    return torch.where(meta.greedy, greedy_ids, race(probs, meta)).tolist(), probs
