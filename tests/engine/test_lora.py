@@ -292,3 +292,18 @@ def test_engine_client_loads_adapters_and_runs_requests_with_them(tiny, transpor
     want = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids  # the base model
     merged = adapters["qv"][1].generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert tokens == merged[0, len(prompt):].tolist() != want
+
+
+def test_speculative_decoding_runs_each_adapter_as_its_merged_weights(tiny):
+    """n-gram drafts verified under each sequence's adapter give that adapter's greedy tokens and logprobs."""
+    hf, path, adapters = tiny
+    llm = make_llm(path, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                             "prompt_lookup_min": 1, "prompt_lookup_max": 2})
+    for name, (folder, _) in adapters.items():
+        llm.add_lora(name, str(folder))
+    names = ["qv", "all", None, "qv"]
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_name=names)
+    oracles = {None: hf} | {name: merged for name, (_, merged) in adapters.items()}
+    for prompt, name, out in zip(PROMPTS, names, outs, strict=True):
+        assert_matches_transformers(oracles[name], prompt, out.outputs[0], GREEDY.max_tokens, top_n=3)
+    assert llm.engine.stats().spec_decode.num_draft_tokens > 0
