@@ -24,10 +24,13 @@ def llm():
 
 @pytest.fixture(scope="module")
 def prompts(llm):
-    """A text prompt, and a chat turn whose answer ends (an EOS) within the tokens given."""
-    chat = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
-    return ["The capital of France is", {"prompt_token_ids": list(chat)}]
+    """Two chat turns whose answers end (an EOS) within the tokens given, one as text and one as token ids; of
+    one length, so that transformers searches both in one batch without padding."""
+    tok = llm.get_tokenizer()
+    turns = [[{"role": "user", "content": f"What is the capital of {country}?"}] for country in ("France", "Italy")]
+    text = tok.apply_chat_template(turns[0], add_generation_prompt=True, tokenize=False)
+    ids = tok.apply_chat_template(turns[1], add_generation_prompt=True, tokenize=True, return_dict=False)
+    return [text, {"prompt_token_ids": list(ids)}]
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +55,18 @@ def hf():
                                                 dtype=torch.float32).eval()
 
 
-def transformers_beams(hf, prompt_ids: list[int], width, max_tokens, penalty, early) -> list[tuple[list[int], float]]:
-    """(generated ids up to the EOS if any, score) of transformers' width best sequences, best first."""
-    out = hf.generate(torch.tensor([prompt_ids]), num_beams=width, num_return_sequences=width, do_sample=False,
+def transformers_beams(hf, prompt_ids: list[list[int]], width, max_tokens, penalty,
+                       early) -> list[list[tuple[list[int], float]]]:
+    """Per prompt (all of one length), (generated ids up to the EOS if any, score) of transformers' width best
+    sequences, best first."""
+    out = hf.generate(torch.tensor(prompt_ids), num_beams=width, num_return_sequences=width, do_sample=False,
                       max_new_tokens=max_tokens, length_penalty=penalty, early_stopping=early, eos_token_id=EOS,
                       pad_token_id=EOS, return_dict_in_generate=True, output_scores=True)
     beams = []
     for row, score in zip(out.sequences.tolist(), out.sequences_scores.tolist(), strict=True):
-        generated = row[len(prompt_ids):]
+        generated = row[len(prompt_ids[0]):]
         beams.append((generated[:generated.index(EOS) + 1] if EOS in generated else generated, score))
-    return beams
+    return [beams[i:i + width] for i in range(0, len(beams), width)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=["w2", "w4-penalty2-early"])
@@ -70,12 +75,13 @@ def test_beams_are_transformers_beams(llm, hf, prompts, results, case):
     width, max_tokens, penalty, early, keep_eos = case
     tok = llm.get_tokenizer()
     assert prefix_hits > 0  # the beams' requests share their prompt's KV blocks
-    for prompt, out in zip(prompts, outputs, strict=True):
-        ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else tok.encode(prompt)
-        want = transformers_beams(hf, ids, width, max_tokens, penalty, early)
+    ids = [tok.encode(prompts[0]), prompts[1]["prompt_token_ids"]]
+    for prompt_ids, out, want in zip(ids, outputs, transformers_beams(hf, ids, width, max_tokens, penalty, early),
+                                     strict=True):
         seqs = out.sequences
         assert len(seqs) == width and len({tuple(s.tokens) for s in seqs}) == width
-        got = [s.tokens[len(ids):] + ([EOS] if s.finish_reason == "stop" and not keep_eos else []) for s in seqs]
+        got = [s.tokens[len(prompt_ids):] + ([EOS] if s.finish_reason == "stop" and not keep_eos else [])
+               for s in seqs]
         assert got == [tokens for tokens, _ in want]
         assert [s.score for s in seqs] == pytest.approx([score for _, score in want], abs=1e-3)
         for s, generated in zip(seqs, got, strict=True):
@@ -84,7 +90,7 @@ def test_beams_are_transformers_beams(llm, hf, prompts, results, case):
                                         skip_special_tokens=True)
             assert s.cum_logprob == pytest.approx(sum(e[t].logprob for e, t in zip(s.logprobs, generated, strict=True)))
             assert s.score == pytest.approx(s.cum_logprob / len(generated) ** penalty)
-    assert any(s.finish_reason == "stop" for s in outputs[1].sequences)  # the chat turn ends its answers
+    assert any(s.finish_reason == "stop" for out in outputs for s in out.sequences)
 
 
 def test_bad_params_are_refused_naming_the_field(llm):
