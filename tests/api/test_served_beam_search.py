@@ -23,14 +23,15 @@ def engine_beam_search(engine, prompt, params: BeamSearchParams):
     return asyncio.run(go())
 
 
-def test_completions_return_n_distinct_beams_best_first(client, model_name, engine):
-    r = client.completions.create(model=model_name, prompt=PROMPT, n=3, max_tokens=6,
+def test_completions_return_n_distinct_beams_best_first_per_prompt(client, model_name, engine):
+    r = client.completions.create(model=model_name, prompt=[PROMPT, PROMPT], n=3, max_tokens=6,
                                   extra_body={"use_beam_search": True, "length_penalty": 0.5})
     want = engine_beam_search(engine, PROMPT, BeamSearchParams(3, 6, length_penalty=0.5))
-    assert [c.index for c in r.choices] == [0, 1, 2] and len({c.text for c in r.choices}) == 3
-    assert [c.text for c in r.choices] == [o.text for o in want.outputs]
-    assert [c.finish_reason for c in r.choices] == [o.finish_reason for o in want.outputs]
-    assert r.usage.completion_tokens == sum(len(o.token_ids) for o in want.outputs)
+    assert [c.index for c in r.choices] == list(range(6)) and len({c.text for c in r.choices}) == 3
+    for i in (0, 3):  # as vLLM numbers them: prompt index * n + beam index
+        assert [c.text for c in r.choices[i:i + 3]] == [o.text for o in want.outputs]
+        assert [c.finish_reason for c in r.choices[i:i + 3]] == [o.finish_reason for o in want.outputs]
+    assert r.usage.completion_tokens == 2 * sum(len(o.token_ids) for o in want.outputs)
 
 
 def test_chat_streams_the_final_beams(client, model_name, engine):
