@@ -1,14 +1,15 @@
 """tokenmill: an LLM text-generation serving engine.
 
-The offline API: `from tokenmill import LLM, SamplingParams`. The three parts live in sub-packages that import
-one way, `tokenmill.api -> tokenmill.engine -> tokenmill.kernels`. Names load on first use, so importing
-`tokenmill.kernels` (or the CLI's help) does not pull in the engine.
+The offline API: `from tokenmill import LLM, SamplingParams` (BeamSearchParams for LLM.beam_search). The three
+parts live in sub-packages that import one way, `tokenmill.api -> tokenmill.engine -> tokenmill.kernels`. Names load
+on first use, so importing `tokenmill.kernels` (or the CLI's help) does not pull in the engine.
 """
 from __future__ import annotations
 
 import importlib
 
-_ENGINE_NAMES = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
+_ENGINE_NAMES = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "BeamSearchParams", "BeamSearchOutput",
+                 "BeamSearchSequence", "RequestOutput", "CompletionOutput",
                  "EngineClient", "EngineDeadError", "EngineOverloadedError", "EngineStoppedError",
                  "RequestFailedError", "InvalidRequestError", "RequestLimits"]
 __all__ = _ENGINE_NAMES

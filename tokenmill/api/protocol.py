@@ -115,6 +115,15 @@ class SamplingFields(OpenAIModel):
     return_token_ids: bool | None = None
 
 
+class BeamSearchFields(OpenAIModel):
+    """vLLM's beam search extension (completions and chat): n beams, best first; length_penalty and early_stopping
+    as transformers' generate reads them (tokenmill.engine.sampling.beam_search)."""
+
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+
+
 def _check_prompt(value: Any) -> Any:
     """A string, a list of strings, a list of token ids, or a list of lists of token ids."""
     def is_ids(x: Any) -> bool:
@@ -140,7 +149,7 @@ _PROMPT_SCHEMA = {"anyOf": [
 ]}
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, BeamSearchFields):
     prompt: Any = Field(json_schema_extra=_PROMPT_SCHEMA)
     max_tokens: int | None = 16
     echo: bool = False
@@ -215,7 +224,7 @@ class ChatMessage(OpenAIModel):
         return "\n".join(part["text"] for part in value)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, BeamSearchFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = Field(None, ge=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -20,6 +21,7 @@ from fastapi import Request
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from tokenmill.engine.core.beam_search_stream import BeamSearchStream, beam_search
 from tokenmill.engine.core.engine_client import (
     EngineClient,
     EngineDeadError,
@@ -31,12 +33,22 @@ from tokenmill.engine.core.engine_client import (
 from tokenmill.engine.core.llm_engine import PromptType
 from tokenmill.engine.limits import InvalidRequestError
 from tokenmill.engine.outputs import PromptLogprobs, RequestOutput
+from tokenmill.engine.sampling.beam_search import BeamSearchParams
 from tokenmill.engine.sampling.sampling_params import SamplingParams
 
 from .errors import APIError, bad_request
 from .metrics import ModelMetrics
 from .output_parser import OutputParser
-from .protocol import ChatMessage, ErrorInfo, ErrorResponse, PromptLogprob, SamplingFields, UsageInfo
+from .protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+    PromptLogprob,
+    SamplingFields,
+    UsageInfo,
+)
 from .reasoning_parsers import REASONING_PARSERS
 from .tool_parsers import TOOL_FORMATS, format_for_template
 from .tools import ToolRequest, conversation
@@ -50,6 +62,12 @@ _SAMPLING_FIELDS = ("n", "stop", "seed", "temperature", "top_p", "frequency_pena
                     "skip_special_tokens", "include_stop_str_in_output", "prompt_logprobs",
                     "truncate_prompt_tokens", "truncation_side")
 
+
+# Fields beam search does not honour, each with the values that ask for nothing (accepted: some clients send them).
+_NOT_WITH_BEAM_SEARCH = {"stop": ([],), "stop_token_ids": ([],), "logit_bias": ({},), "top_p": (1.0,),
+                         "top_k": (-1, 0), "min_p": (0.0,), "presence_penalty": (0.0,), "frequency_penalty": (0.0,),
+                         "repetition_penalty": (1.0,), "min_tokens": (0,), "skip_special_tokens": (True,),
+                         "prompt_logprobs": (), "truncate_prompt_tokens": ()}
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
@@ -161,6 +179,34 @@ class OpenAIServing:
             param = str(e).split(" ", 1)[0]
             raise bad_request(str(e), param=constraint[0] if param == "structured_outputs" else param) from None
 
+    def beam_search_params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
+                           logprobs: int | None) -> BeamSearchParams | None:
+        """The request's BeamSearchParams (n beams, greedy), or None without use_beam_search. A 400 naming the field
+        for what beam search does not honour (logprobs, sampling and penalty settings, stops, output constraints),
+        and for length_penalty or early_stopping without it."""
+        if not req.use_beam_search:
+            for name, default in (("length_penalty", 1.0), ("early_stopping", False)):
+                if getattr(req, name) != default:
+                    raise bad_request(f"{name} applies only with use_beam_search", name)
+            return None
+        if logprobs is not None:
+            raise bad_request("logprobs are not available with use_beam_search", "logprobs")
+        for name, neutral in _NOT_WITH_BEAM_SEARCH.items():
+            if getattr(req, name) is not None and getattr(req, name) not in neutral:
+                raise bad_request(f"{name} is not supported with use_beam_search", name)
+        constraint = structured_constraint(req)
+        if constraint is not None:
+            raise bad_request(f"{constraint[0]} is not supported with use_beam_search", constraint[0])
+        try:
+            return BeamSearchParams(
+                beam_width=req.n, max_tokens=max_tokens, ignore_eos=bool(req.ignore_eos),
+                temperature=req.temperature or 0.0, length_penalty=req.length_penalty,
+                include_stop_str_in_output=bool(req.include_stop_str_in_output), early_stopping=req.early_stopping)
+        except ValueError as e:  # the message starts with the field's name; the width is the request's n
+            param, rule = str(e).split(" ", 1)
+            param = "n" if param == "beam_width" else param
+            raise bad_request(f"{param} {rule}", param) from None
+
     async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                           tools: ToolRequest | None = None) -> list[int]:
         template = getattr(self.tokenizer, "chat_template", None)
@@ -170,17 +216,21 @@ class OpenAIServing:
         except InvalidRequestError as e:
             raise bad_request(str(e), e.param) from None
 
-    async def start(self, request_id: str, prompts: list[PromptType], params: SamplingParams,
-                    arrival_time: float, prompt_field: str, constraint_field: str | None = None) -> list[RequestStream]:
-        """Queue one engine request per prompt; all are accepted or none is. Raises a 400 naming the field
-        for a bad request; overload and a dead or stopping engine go to their own handlers (503)."""
+    async def start(self, request_id: str, prompts: list[PromptType], params: SamplingParams | BeamSearchParams,
+                    arrival_time: float, prompt_field: str,
+                    constraint_field: str | None = None) -> list[RequestStream | BeamSearchStream]:
+        """Queue one engine request (or, with BeamSearchParams, start one beam search) per prompt; all are accepted
+        or none is. Raises a 400 naming the field for a bad request; overload and a dead or stopping engine go to
+        their own handlers (503)."""
         limit = self.engine.limits.max_prompts
         if len(prompts) > limit:
             raise bad_request(f"{prompt_field}: {len(prompts)} prompts given, the limit is {limit}", prompt_field)
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        add = (functools.partial(beam_search, self.engine) if isinstance(params, BeamSearchParams)
+               else self.engine.add_request)
         try:
             results = await asyncio.gather(
-                *(self.engine.add_request(rid, p, params, arrival_time, prompt_field, lora_name=self.lora_name)
+                *(add(rid, p, params, arrival_time, prompt_field, lora_name=self.lora_name)
                   for rid, p in zip(ids, prompts, strict=True)),
                 return_exceptions=True)
         except asyncio.CancelledError:  # the handler was cancelled: requests added already must not run on
@@ -188,7 +238,9 @@ class OpenAIServing:
             raise
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            self.engine.abort([s.request_id for s in results if isinstance(s, RequestStream)])
+            for started in results:
+                if not isinstance(started, BaseException):
+                    started.abort()
             error = next((e for e in errors if not isinstance(e, ValueError)), errors[0])
             if isinstance(error, ValueError):
                 param = getattr(error, "param", None)

@@ -53,8 +53,11 @@ class ServingChat:
         tools = ToolRequest.from_request(req)
         tool_constraint = tools.constraint(s.tool_format.arguments_key) if tools else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = s.sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
-                                   tool_constraint, chat=True)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = s.beam_search_params(req, max_tokens, logprobs)
+        if params is not None and tool_constraint is not None:
+            raise bad_request("a tool_choice that forces a call is not supported with use_beam_search", "tool_choice")
+        params = params or s.sampling_params(req, max_tokens, logprobs, tool_constraint, chat=True)
         prompt = await s.chat_prompt(req.messages, tools=tools)
         request_id = raw.state.request_id = f"chatcmpl-{uuid.uuid4().hex}"
         field = "tool_choice" if tool_constraint else constraint_field(req)

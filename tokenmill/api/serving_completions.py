@@ -44,9 +44,11 @@ class ServingCompletions:
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request(f"best_of is supported only when equal to n ({req.n}); got {req.best_of}", "best_of")
         check_stream_options(req.stream, req.stream_options)
-        params = s.sampling_params(req, req.max_tokens, req.logprobs)
-        if req.echo and req.logprobs is not None and params.prompt_logprobs is None:
-            params = params.clone(prompt_logprobs=req.logprobs)  # the echoed prompt's logprobs, as vLLM does
+        params = s.beam_search_params(req, req.max_tokens, req.logprobs)
+        if params is None:
+            params = s.sampling_params(req, req.max_tokens, req.logprobs)
+            if req.echo and req.logprobs is not None and params.prompt_logprobs is None:
+                params = params.clone(prompt_logprobs=req.logprobs)  # the echoed prompt's logprobs, as vLLM does
         prompts = req.prompt if isinstance(req.prompt, list) and not isinstance(req.prompt[0], int) else [req.prompt]
         request_id = raw.state.request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await s.start(request_id, prompts, params, arrival, "prompt", constraint_field(req))

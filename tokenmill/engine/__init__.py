@@ -11,8 +11,10 @@ from tokenmill.engine.core.llm_engine import LLMEngine
 from tokenmill.engine.limits import InvalidRequestError, RequestLimits
 from tokenmill.engine.llm import LLM
 from tokenmill.engine.outputs import CompletionOutput, RequestOutput
+from tokenmill.engine.sampling.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from tokenmill.engine.sampling.sampling_params import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "BeamSearchParams", "BeamSearchOutput",
+           "BeamSearchSequence", "RequestOutput", "CompletionOutput",
            "EngineClient", "EngineDeadError", "EngineOverloadedError", "EngineStoppedError", "RequestFailedError",
            "InvalidRequestError", "RequestLimits"]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenmill.engine.sampling.sampling_params import SamplingParams
+from tokenmill.engine.sampling.beam_search import num_candidates
+from tokenmill.engine.sampling.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 class InvalidRequestError(ValueError):
@@ -47,24 +48,36 @@ class RequestLimits:
 
     def check_params(self, params: SamplingParams) -> None:
         """The SamplingParams fields a client sets freely, against their limits."""
-        def bound(name: str, count: int, limit: int, what: str) -> None:
-            if count > limit:
-                raise InvalidRequestError(f"{name}: {count} {what} given, the limit is {limit}", name)
-
-        bound("n", params.n, self.max_n, "samples")
-        bound("stop", len(params.stop), self.max_stop, "stop strings")
+        _bound("n", params.n, self.max_n, "samples")
+        _bound("stop", len(params.stop), self.max_stop, "stop strings")
         longest = max(map(len, params.stop), default=0)
-        bound("stop", longest, self.max_stop_len, "characters in a stop string")
-        bound("stop_token_ids", len(params.stop_token_ids), self.max_stop_token_ids, "token ids")
-        bound("logit_bias", len(params.logit_bias or ()), self.max_logit_bias, "entries")
+        _bound("stop", longest, self.max_stop_len, "characters in a stop string")
+        _bound("stop_token_ids", len(params.stop_token_ids), self.max_stop_token_ids, "token ids")
+        _bound("logit_bias", len(params.logit_bias or ()), self.max_logit_bias, "entries")
         if params.structured_outputs is not None:
-            bound("structured_outputs", len(params.structured_outputs.key()), self.max_constraint_chars,
-                  "characters of constraint")
+            _bound("structured_outputs", len(params.structured_outputs.key()), self.max_constraint_chars,
+                   "characters of constraint")
+
+    def check_beam_width(self, beam_width: int, num_eos: int, param: str = "beam_width") -> None:
+        """A beam search's width against max_n, and against what its rounds may ask of the engine: each beam's top
+        num_candidates(beam_width, num_eos) next tokens, of at most MAX_LOGPROBS logprobs a request returns."""
+        _bound(param, beam_width, self.max_n, "beams")
+        widest = MAX_LOGPROBS // num_candidates(1, num_eos)
+        if beam_width > widest:
+            raise InvalidRequestError(
+                f"{param}: {beam_width} beams given, the limit is {widest}: each round takes the top "
+                f"{num_candidates(1, num_eos)} x {param} next tokens of every beam, and the engine returns at most "
+                f"{MAX_LOGPROBS}", param)
 
     def check_prompt_text(self, text: str, param: str = "prompt") -> None:
         if len(text) > self.max_prompt_chars:
             raise InvalidRequestError(f"{param}: {len(text)} characters given, the limit is "
                                       f"{self.max_prompt_chars}", param)
+
+
+def _bound(name: str, count: int, limit: int, what: str) -> None:
+    if count > limit:
+        raise InvalidRequestError(f"{name}: {count} {what} given, the limit is {limit}", name)
 
 
 def truncate_prompt(ids: list[int], params: SamplingParams, max_model_len: int) -> list[int]:

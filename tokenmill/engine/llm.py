@@ -8,7 +8,9 @@ from tqdm.auto import tqdm
 
 from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.core.llm_engine import LLMEngine, PromptType
+from tokenmill.engine.limits import check_prompt
 from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.sampling.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from tokenmill.engine.sampling.sampling_params import SamplingParams
 from tokenmill.engine.weights.lora import LoRAInfo
 
@@ -51,9 +53,7 @@ class LLM:
         """Outputs in the order of the prompts. A prompt is a string, a list of token ids, or
         {"prompt_token_ids": [...]}; one SamplingParams applies to all, or give one per prompt. lora_name
         names a loaded LoRA adapter (add_lora) for all prompts, or one per prompt (None: the base model)."""
-        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = _listed(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
@@ -70,6 +70,53 @@ class LLM:
             self.engine.abort_request(ids)
             raise
         return self._run(ids, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Seq[PromptType], params: BeamSearchParams,
+                    lora_name: str | None = None, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search: for each prompt (as generate takes them), params.beam_width sequences, best first,
+        as transformers' generate(num_beams=beam_width, do_sample=False) finds them (sampling/beam_search.py).
+
+        Each round runs every live beam of every prompt as a one-token greedy request whose prompt is the prompt's
+        ids and the beam's tokens; the prefix cache serves each up to its last full block, so a prompt's beams
+        share their KV blocks and a round computes at most a block's worth of tokens per beam. Raises ValueError
+        (InvalidRequestError) for a beam width or prompt the engine cannot serve, before anything runs."""
+        engine = self.engine
+        searches = []
+        for prompt in _listed(prompts):
+            ids = engine.tokenize(prompt)[1]
+            search = BeamSearch(ids, params, engine.eos_token_ids, engine.max_model_len)
+            self.config.limits.check_beam_width(params.beam_width, len(search.eos))
+            check_prompt(ids, search.request_params.clone(max_tokens=max(search.max_tokens, 1)),
+                         engine.model_config.vocab_size, engine.max_model_len)
+            searches.append(search)
+        with tqdm(total=max((s.max_tokens for s in searches), default=0), desc="Beam search",
+                  disable=not use_tqdm, dynamic_ncols=True) as bar:
+            while live := [s for s in searches if not s.done]:
+                self._beam_round(live, lora_name)
+                bar.update(1)
+        tok, outputs = self.get_tokenizer(), []
+        for search in searches:
+            outputs.append(BeamSearchOutput(search.best()))
+            for seq in outputs[-1].sequences:
+                seq.text = tok.decode(search.text_token_ids(seq), skip_special_tokens=True) if tok else None
+        return outputs
+
+    def _beam_round(self, searches: list[BeamSearch], lora_name: str | None) -> None:
+        """One round of every search: its live beams' one-token requests, run as one batch."""
+        requests = [(str(next(self._ids)), s, ids) for s in searches for ids in s.prompts()]
+        try:
+            for rid, search, ids in requests:
+                self.engine.add_request(rid, ids, search.request_params, lora_name=lora_name)
+        except Exception:
+            self.engine.abort_request([rid for rid, _, _ in requests])
+            raise
+        outs = self._run([rid for rid, _, _ in requests], use_tqdm=False)
+        failed = next((o.error for o in outs if o.error is not None), None)
+        if failed is not None:
+            raise RuntimeError(failed)
+        for search in searches:
+            search.advance([o.outputs[0].logprobs[0] for o, (_, s, _) in zip(outs, requests, strict=True)
+                            if s is search])
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -105,3 +152,10 @@ class LLM:
         finally:
             bar.close()
         return [final[i] for i in ids]
+
+
+def _listed(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:
+    """One prompt (a string, a list of ids or a dict) or many, as a list."""
+    if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)

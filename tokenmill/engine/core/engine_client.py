@@ -302,5 +302,5 @@ class EngineClient(ABC):
         except Exception as e:  # the template itself rejects the conversation (jinja2 raise_exception)
             raise InvalidRequestError(f"messages: the chat template rejected them: {e}", "messages") from None
 
-    async def decode(self, token_ids: list[int]) -> str:
-        return await self._in_pool(self.tokenizer.decode, token_ids)
+    async def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        return await self._in_pool(self.tokenizer.decode, token_ids, skip_special_tokens=skip_special_tokens)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields, replace
 
 from tokenmill.engine.sampling.structured_output import StructuredOutputsParams
 
+MAX_LOGPROBS = 20  # the most top-N logprobs (of a generated or a prompt token) a request may ask for
+
 
 @dataclass
 class SamplingParams:
@@ -77,11 +79,11 @@ class SamplingParams:
         check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be >= 0")
         check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
               "min_tokens", "must be <= max_tokens")
-        check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-              "logprobs", "must be an integer in [0, 20]")
+        check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+              "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
         check(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
-                                               and 0 <= self.prompt_logprobs <= 20),
-              "prompt_logprobs", "must be an integer in [0, 20]")
+                                               and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+              "prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
         check(self.truncate_prompt_tokens is None or (isinstance(self.truncate_prompt_tokens, int)
                                                       and (self.truncate_prompt_tokens >= 1
                                                            or self.truncate_prompt_tokens == -1)),
