@@ -90,7 +90,7 @@ def ratio(row: Mapping, rows: Sequence[Mapping], baselines: Mapping[str, str | N
 
 def markdown_table(rows: Sequence[Mapping], baselines: Mapping[str, str | None]) -> str:
     """Rows grouped by workload and concurrency, in the order given within a group."""
-    lines = ["| workload | in flight | config | output tok/s | vs off | TPOT p50 / p99 (ms) | acceptance "
+    lines = ["| workload | in flight | config | output tok/s | x off | TPOT p50 / p99 (ms) | acceptance "
              "| mean output tokens | failed |",
              "|---|---|---|---|---|---|---|---|---|"]
     order = sorted(range(len(rows)), key=lambda i: (_WORKLOAD_ORDER.get(rows[i]["workload"], 9),
@@ -103,7 +103,7 @@ def markdown_table(rows: Sequence[Mapping], baselines: Mapping[str, str | None])
             continue
         lines.append(
             f"| {r['workload']} | {r['concurrency']} | {r['config']} | {_num(r['output_tok_s'], '.1f')} "
-            f"| {_num(ratio(r, rows, baselines), '.2f')}x | {_num(r['tpot_p50_ms'], '.0f')} / "
+            f"| {_num(ratio(r, rows, baselines), '.2f')} | {_num(r['tpot_p50_ms'], '.0f')} / "
             f"{_num(r['tpot_p99_ms'], '.0f')} | {_num(r['acceptance'], '.2f')} "
             f"| {_num(r['mean_output_tokens'], '.0f')} | {r['failed']} |")
     return "\n".join(lines)

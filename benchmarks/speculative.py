@@ -11,7 +11,8 @@ A point is (workload, requests in flight). Points run one after the other, and w
 config in turn, so the configs compared in one row group ran minutes apart. Per point: output tok/s,
 TPOT p50/p99 and the acceptance rate (tokenmill: /metrics counter deltas; llama-server: the
 `timings` draft_n / draft_n_accepted of its responses). Writes one JSON for the sweep and a markdown
-table under --out.
+table under --out. The default sweep (8 configs x 6 points, 48 servers) is sized for about 20 minutes
+on the project's 2-core VM when nothing else runs; a busy machine stretches it many times over.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ DRAFT_CACHE = Path.home() / ".cache" / "tokenmill" / "self-draft"
 DEFAULT_POINTS = {"grounded": (1, 4, 32), "chat": (1, 32), "greedy": (1,)}
 # Requests per point by requests in flight: enough for a few per slot at 1, one full wave at 32.
 DEFAULT_REQUESTS = {1: 4, 4: 8, 32: 32}
+# A greedy request runs 4x longer than a grounded one: fewer of them keep the sweep near 20 minutes.
+GREEDY_REQUESTS = 2
 
 
 @dataclass(frozen=True)
@@ -189,13 +192,14 @@ def settled_metrics(server: Server, before: dict[str, float], output_tokens: int
 # ---- the sweep --------------------------------------------------------------------------------
 
 def plan(workloads: Sequence[str], concurrencies: Sequence[int] | None, requests: dict[int, int],
-         points: dict[str, tuple[int, ...]] = DEFAULT_POINTS) -> list[Point]:
+         points: dict[str, tuple[int, ...]] = DEFAULT_POINTS, greedy_requests: int = GREEDY_REQUESTS) -> list[Point]:
     """The points to run: each workload at its concurrencies in `points`, kept if in `concurrencies`."""
     out = []
     for w in workloads:
         for c in points.get(w, ()):
             if concurrencies is None or c in concurrencies:
-                out.append(Point(w, c, requests.get(c, c if c >= 32 else max(4, 2 * c))))
+                n = requests.get(c, c if c >= 32 else max(4, 2 * c))
+                out.append(Point(w, c, max(c, greedy_requests) if w == "greedy" else n))
     return out
 
 
@@ -300,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where each workload runs, e.g. grounded:1,4,32/chat:1,32/greedy:1 (the default)")
     p.add_argument("--requests", type=_requests, default=DEFAULT_REQUESTS,
                    help="requests per point by requests in flight, e.g. 1:4,4:8,32:32")
+    p.add_argument("--greedy-requests", type=int, default=GREEDY_REQUESTS,
+                   help="requests per greedy point (at least its requests in flight)")
     p.add_argument("--greedy-max-tokens", type=int, default=GREEDY_MAX_TOKENS,
                    help="the greedy workload's cap; 0 sends no max_tokens (the server's default)")
     p.add_argument("--model", help="target GGUF (default: tokenmill's default model)")
@@ -329,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if unknown := set(workloads) - set(WORKLOADS):
         raise SystemExit(f"unknown workloads {sorted(unknown)}; known: {', '.join(WORKLOADS)}")
-    points = plan(workloads, args.concurrency, args.requests, args.points)
+    points = plan(workloads, args.concurrency, args.requests, args.points, args.greedy_requests)
     if not points:
         raise SystemExit("no point to run: --concurrency leaves none of the chosen workloads")
     from tokenmill.engine.config import default_model_path

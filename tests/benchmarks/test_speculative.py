@@ -85,7 +85,7 @@ def test_plan_filters_the_default_points():
     points = speculative.plan(WORKLOADS, None, speculative.DEFAULT_REQUESTS)
     assert [(p.workload, p.concurrency, p.num_requests) for p in points] == [
         ("grounded", 1, 4), ("grounded", 4, 8), ("grounded", 32, 32), ("chat", 1, 4), ("chat", 32, 32),
-        ("greedy", 1, 4)]
+        ("greedy", 1, 2)]
     assert [(p.workload, p.concurrency) for p in speculative.plan(["chat", "greedy"], [1], {})] == [
         ("chat", 1), ("greedy", 1)]
 
@@ -151,8 +151,8 @@ def test_table_and_targets():
     baselines = {c.name: c.baseline for c in CONFIGS}
     backends = {c.name: c.backend for c in CONFIGS}
     table = markdown_table(rows, baselines)
-    assert "| grounded | 1 | tm-gguf-ngram-k4 | 45.0 | 2.25x | 22 / 27 | 0.75 | 160 | 0 |" in table
-    assert "| grounded | 1 | llama-ngram | 25.0 | 0.62x | 40 / 48 | 0.25 | 160 | 0 |" in table
+    assert "| grounded | 1 | tm-gguf-ngram-k4 | 45.0 | 2.25 | 22 / 27 | 0.75 | 160 | 0 |" in table
+    assert "| grounded | 1 | llama-ngram | 25.0 | 0.62 | 40 / 48 | 0.25 | 160 | 0 |" in table
     assert "| chat | 32 | tm-gguf-ngram-k4 | failed |" in table
     # Rows group by workload, then concurrency: grounded first, chat at 32 last.
     body = table.splitlines()[2:]
