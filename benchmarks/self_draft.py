@@ -2,7 +2,11 @@
 keeping its embedding, final norm and LM head (so the draft shares the tokenizer and the vocabulary).
 
 No smaller model with SmolLM2's tokenizer is at hand, and a truncated copy is the cheapest draft that
-speaks the same vocabulary. Two formats:
+speaks the same vocabulary. It is a poor guesser: teacher-forced on the target's greedy replies to the
+grounded workload, its top-1 token agrees with the target's 2% of the time at 6 of SmolLM2-135M's 30 layers,
+15% at 20, 41% at 24 and 63% at 28 (chat: 2%, 15%, 34%, 49%), while the embedding and LM head alone are a
+fifth of the model's weights. So it measures what the draft-model path costs, not the speed-up a trained
+small draft would bring. Two formats:
 
 - `hf` (default): a Hugging Face-style directory (config.json, model.safetensors in float32, the
   tokenizer files), for `tokenmill serve --speculative-config '{"model": DIR, ...}'`. The weights come
