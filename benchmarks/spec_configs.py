@@ -65,7 +65,8 @@ CONFIGS: tuple[ServerConfig, ...] = (
     ServerConfig("llama-ngram", "llama.cpp", ("--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
                                               "--spec-ngram-simple-size-m", "4"), "llama", "ngram"),
     # The same self-draft as tokenmill's, but the target's own Q4_1 tensors (self_draft.py --format gguf).
-    ServerConfig("llama-draft-k3", "llama.cpp", ("-md", "$draft_gguf", "--spec-draft-n-max", "3"), "llama", "draft"),
+    ServerConfig("llama-draft-k3", "llama.cpp", ("--spec-type", "draft-simple", "-md", "$draft_gguf",
+                                                 "--spec-draft-n-max", "3"), "llama", "draft"),
 )
 BY_NAME = {c.name: c for c in CONFIGS}
 # The default sweep: both backends with and without speculation, on tokenmill's fastest CPU mode.
