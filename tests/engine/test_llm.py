@@ -147,3 +147,11 @@ def test_half_precision_dtypes_generate_the_same_first_tokens(dtype, batch_token
     for out, expected in zip(outs, batch_tokens, strict=False):
         assert out.outputs[0].token_ids[:2] == expected[:2]
         assert all(torch.isfinite(torch.tensor(list(e.values()))).all() for e in out.outputs[0].logprobs)
+
+
+def test_greedy_with_ngram_speculation_matches_transformers_token_for_token(hf_tokens):
+    llm = LLM(dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                                                   "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+                                                   "disable_by_batch_size": len(PROMPTS)})
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == hf_tokens
+    assert llm.engine.stats().spec_decode.num_accepted_tokens > 0

@@ -20,10 +20,8 @@ PROMPTS = [
     "Rewrite this text, replacing 'lighthouse' with 'tower':\n\n" + PASSAGE,
     "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
     "The capital of France is",
-    "Once upon a time",
-    "A",
 ]
-GREEDY = SamplingParams(temperature=0, max_tokens=40)
+GREEDY = SamplingParams(temperature=0, max_tokens=32)
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 TINY = dict(architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-5)
@@ -143,20 +141,6 @@ def test_greedy_with_ngram_proposals_is_token_exact_in_a_batch_and_alone(plain, 
     assert ngram.engine.block_manager.num_free_blocks == ngram.engine.block_manager.num_blocks
 
 
-def test_greedy_with_ngram_matches_transformers(ngram, expected):
-    from transformers import AutoModelForCausalLM
-
-    from tokenmill.engine.config import default_model_path
-
-    path = default_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(path.rsplit("/", 1)[0], gguf_file=path.rsplit("/", 1)[1],
-                                              dtype=torch.float32).eval()
-    ids = ngram.get_tokenizer()(PROMPTS[0], return_tensors="pt").input_ids
-    ref = hf.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
-    assert expected[0] == ref
-    assert tokens(ngram.generate(PROMPTS[0], GREEDY, use_tqdm=False))[0] == ref
-
-
 @pytest.mark.parametrize("setting", ["chunked_prefill", "preemption", "no_prefix_caching"])
 def test_greedy_with_ngram_is_exact_under_every_scheduling_path(setting, expected):
     kwargs = {"chunked_prefill": dict(max_num_batched_tokens=48),
@@ -204,14 +188,23 @@ def test_greedy_with_a_draft_model_is_token_exact(tmp_path, expected):
     assert stats.num_accepted_tokens == stats.num_draft_tokens  # the target drafting for itself
 
 
-def test_large_batches_and_penalized_or_constrained_sequences_get_no_proposals(plain):
-    llm = LLM(dtype="float32", speculative_config={**NGRAM, "disable_by_batch_size": 2})
-    llm.generate(PROMPTS[:3], GREEDY, use_tqdm=False)
-    assert llm.engine.stats().spec_decode.num_drafts == 0
+def test_penalized_sequences_get_no_proposals_and_keep_their_tokens(plain, ngram):
     penalized = SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3)
     want = plain.generate(PROMPTS[0], penalized, use_tqdm=False)[0].outputs[0].token_ids
-    assert llm.generate(PROMPTS[0], penalized, use_tqdm=False)[0].outputs[0].token_ids == want
+    before = ngram.engine.stats().spec_decode.num_drafts
+    assert ngram.generate(PROMPTS[0], penalized, use_tqdm=False)[0].outputs[0].token_ids == want
+    assert ngram.engine.stats().spec_decode.num_drafts == before
+
+
+def test_batches_larger_than_disable_by_batch_size_get_no_proposals(tmp_path):
+    spec = {"method": "ngram", "prompt_lookup_min": 1, "disable_by_batch_size": 2}
+    llm = LLM(model=tiny_config(tmp_path, "target", 24), load_format="dummy", skip_tokenizer_init=True,
+              speculative_config=spec)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    llm.generate([[1, 2, 1, 2, 1]] * 3, params, use_tqdm=False)
     assert llm.engine.stats().spec_decode.num_drafts == 0
+    llm.generate([[1, 2, 1, 2, 1]] * 2, params, use_tqdm=False)
+    assert llm.engine.stats().spec_decode.num_drafts > 0
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -229,6 +222,7 @@ def test_bad_speculative_config_is_a_clear_error(bad, message):
 
 
 def test_a_draft_with_another_vocabulary_is_refused_at_start(tmp_path):
-    spec = {"model": tiny_config(tmp_path, "draft", 32000), "load_format": "dummy"}
+    spec = {"model": tiny_config(tmp_path, "draft", 32), "load_format": "dummy"}
     with pytest.raises(ValueError, match="vocabulary"):
-        LLM(dtype="float32", speculative_config=spec)
+        LLM(model=tiny_config(tmp_path, "target", 24), load_format="dummy", skip_tokenizer_init=True,
+            speculative_config=spec)
