@@ -10,12 +10,14 @@ token for token what decoding without speculation gives.
 
 Proposals pause where they would not pay: for a whole step while the running batch is larger than
 disable_by_batch_size (a large batch already uses the compute a verify would take), and for a sequence whose
-drafts have lately been accepted at less than min_acceptance_rate. Sequences with a grammar (structured
+drafts have lately been accepted at less than min_acceptance_rate; in between, a sequence proposes fewer
+tokens the fewer of its recent drafts were accepted. Sequences with a grammar (structured
 outputs) or with repetition, frequency or presence penalties get no proposals: their next row depends on
 state kept per sampled token.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,9 @@ from tokenmill.engine.spec_decode.ngram import NgramIndex
 
 ACCEPTANCE_DECAY = 0.8  # weight of the history in a sequence's moving acceptance rate
 INITIAL_ACCEPTANCE = 0.5
+# What one more draft token adds to a verify step's time, as a share of a decode step: the j-th draft is
+# worth its slot while the chance of reaching and accepting it (about rate ** j) is above this.
+DRAFT_TOKEN_COST = 0.1
 
 
 @dataclass
@@ -88,6 +93,8 @@ class Speculator:
         state: _SeqState = seq.spec_state
         if state.paused_until > self.num_steps:
             return 0
+        if state.acceptance < 1:
+            k = max(1, min(k, int(math.log(DRAFT_TOKEN_COST) / math.log(max(state.acceptance, 1e-3)))))
         if state.index is not None:
             seq.spec_token_ids = state.index.propose(seq.token_ids, k)
             return len(seq.spec_token_ids)
