@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from tokenmill.engine.config import ModelConfig
+from tokenmill.engine.models import cpu_decoder
 from tokenmill.engine.models.layers import (
     SINGLE_RANK,
     Attention,
@@ -56,6 +57,10 @@ class LlamaForCausalLM(nn.Module):
                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         self.cfg = cfg
         self.tp = tp
+        self.ops = ops
+        # The C++ layer loop for these KV caches, built on the first forward over them (after packing and
+        # LoRA have set the linears); None where it does not apply.
+        self._cpu_decoder: tuple[list[torch.Tensor], cpu_decoder.CpuDecoder | None] | None = None
         self.heads = split_heads(cfg.num_attention_heads, cfg.num_key_value_heads, tp)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops, tp) for _ in range(cfg.num_hidden_layers))
@@ -71,10 +76,18 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states of every token of the packed batch: [num_tokens, hidden_size]."""
         h, residual = self.embed_tokens(input_ids), None
+        fast = self._decoder_for(kv_caches)
+        if fast is not None and len(input_ids) < fast.max_rows:
+            return fast(h, positions, meta)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=False):
             h, residual = layer(positions, h, residual, kv_cache, meta, self.rotary)
         h, _ = self.norm(h, residual)
         return h
+
+    def _decoder_for(self, kv_caches: list[torch.Tensor]) -> cpu_decoder.CpuDecoder | None:
+        if self._cpu_decoder is None or self._cpu_decoder[0] is not kv_caches:
+            self._cpu_decoder = kv_caches, cpu_decoder.build(self, kv_caches, self.ops)
+        return self._cpu_decoder[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary, on every rank."""

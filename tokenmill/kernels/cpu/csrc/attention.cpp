@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common.h"
+#include "kernels.h"
 
 namespace tokenmill {
 namespace {
@@ -383,6 +384,8 @@ int64_t plan_items(const int32_t* seq_lens, const int32_t* query_start_loc, int6
   return partial_rows;
 }
 
+}  // namespace
+
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& seq_lens,
                            const at::Tensor& query_start_loc, double scale) {
@@ -443,8 +446,6 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   });
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
   m.impl("paged_attention", &paged_attention);

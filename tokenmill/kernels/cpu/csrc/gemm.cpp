@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include "common.h"
+#include "kernels.h"
 
 namespace tokenmill {
 namespace {
@@ -21,7 +22,6 @@ constexpr int64_t V = Vec::size();
 constexpr int64_t kPanel = 2 * V;    // weight rows per panel: two vectors
 constexpr int kTile = 6;             // x rows per tile: 12 accumulators + 2 weight vectors + 1 broadcast
 constexpr int64_t kRowBlock = 96;    // x rows per pass over W: their K floats stay in L2 while W streams
-
 
 // y[t * ldy + j] = sum_k panel[k][j] * x[t * k_dim + k] for t < T and j < width (<= kPanel). Each run of kChunk
 // k's is summed in registers and added to the total after it, which keeps float32's rounding error near that
@@ -84,6 +84,8 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {
   return packed;
 }
 
+}  // namespace
+
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "packed_linear: float32 x [M, K] expected");
   const int64_t m = x.size(0), k = x.size(1), panels = (n + kPanel - 1) / kPanel;
@@ -108,8 +110,6 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   }
   return y;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("pack_linear_weight(Tensor weight) -> Tensor");

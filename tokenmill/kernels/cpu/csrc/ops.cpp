@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common.h"
+#include "kernels.h"
 
 namespace tokenmill {
 namespace {
@@ -36,68 +37,9 @@ void for_each_row(const at::Tensor& x, const F& f) {
   });
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: x and weight must share a dtype");
-  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
-  at::Tensor out = at::empty_like(xc);
-  const int64_t hidden = x.size(-1);
-  dispatch_float(x.scalar_type(), "rms_norm", [&](auto tag) {
-    using T = decltype(tag);
-    const T* src = xc.const_data_ptr<T>();
-    T* dst = out.data_ptr<T>();
-    for_each_row<T>(xc, [&](int64_t r, float* h, float* w_buf) {
-      to_float(src + r * hidden, h, hidden);
-      rms_norm_row(h, wc.const_data_ptr<T>(), w_buf, dst + r * hidden, hidden, static_cast<float>(eps));
-    });
-  });
-  return out;
-}
-
 // (rms_norm(x + residual), x + residual), the sum rounded to the activation dtype first as the reference does.
-std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
-                                                      const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x.scalar_type() == residual.scalar_type() && x.scalar_type() == weight.scalar_type(),
-              "fused_add_rms_norm: x, residual and weight must share a dtype");
-  TORCH_CHECK(x.sizes() == residual.sizes(), "fused_add_rms_norm: x and residual must have the same shape");
-  const at::Tensor xc = x.contiguous(), rc = residual.contiguous(), wc = weight.contiguous();
-  at::Tensor out = at::empty_like(xc), sum = at::empty_like(xc);
-  const int64_t hidden = x.size(-1);
-  dispatch_float(x.scalar_type(), "fused_add_rms_norm", [&](auto tag) {
-    using T = decltype(tag);
-    const T *xs = xc.const_data_ptr<T>(), *rs = rc.const_data_ptr<T>();
-    T *dst = out.data_ptr<T>(), *sums = sum.data_ptr<T>();
-    for_each_row<T>(xc, [&](int64_t r, float* h, float* w_buf) {
-      to_float(xs + r * hidden, h, hidden);
-      to_float(rs + r * hidden, w_buf, hidden);
-      for (int64_t i = 0; i < hidden; ++i) h[i] += w_buf[i];
-      from_float(h, sums + r * hidden, hidden);
-      to_float(sums + r * hidden, h, hidden);  // continue from the rounded sum, as the reference does
-      rms_norm_row(h, wc.const_data_ptr<T>(), w_buf, dst + r * hidden, hidden, static_cast<float>(eps));
-    });
-  });
-  return {out, sum};
-}
 
 // silu(gate) * up of x [..., 2 * d] = cat(gate, up), in float32.
-at::Tensor silu_and_mul(const at::Tensor& x) {
-  const at::Tensor xc = x.contiguous();
-  const int64_t d = x.size(-1) / 2;
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = d;
-  at::Tensor out = at::empty(shape, x.options());
-  dispatch_float(x.scalar_type(), "silu_and_mul", [&](auto tag) {
-    using T = decltype(tag);
-    const T* src = xc.const_data_ptr<T>();
-    T* dst = out.data_ptr<T>();
-    for_each_row<T>(out, [&](int64_t r, float* gate, float* up) {
-      to_float(src + r * 2 * d, gate, d);
-      to_float(src + r * 2 * d + d, up, d);
-      at::vec::map2([](Vec g, Vec u) { return g / (Vec(1.f) + g.neg().exp()) * u; }, gate, gate, up, d);
-      from_float(gate, dst + r * d, d);
-    });
-  });
-  return out;
-}
 
 // NeoX-style (rotate-half) rotation of `num_heads` heads of one token, in place, by cos/sin [head_dim / 2].
 template <typename T>
@@ -185,6 +127,69 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   rotate_and_write(at::Tensor(), at::Tensor(), k, v, at::Tensor(), at::Tensor(), k_cache, v_cache, slot_mapping);
 }
 
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: x and weight must share a dtype");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  const int64_t hidden = x.size(-1);
+  dispatch_float(x.scalar_type(), "rms_norm", [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = xc.const_data_ptr<T>();
+    T* dst = out.data_ptr<T>();
+    for_each_row<T>(xc, [&](int64_t r, float* h, float* w_buf) {
+      to_float(src + r * hidden, h, hidden);
+      rms_norm_row(h, wc.const_data_ptr<T>(), w_buf, dst + r * hidden, hidden, static_cast<float>(eps));
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                      const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == residual.scalar_type() && x.scalar_type() == weight.scalar_type(),
+              "fused_add_rms_norm: x, residual and weight must share a dtype");
+  TORCH_CHECK(x.sizes() == residual.sizes(), "fused_add_rms_norm: x and residual must have the same shape");
+  const at::Tensor xc = x.contiguous(), rc = residual.contiguous(), wc = weight.contiguous();
+  at::Tensor out = at::empty_like(xc), sum = at::empty_like(xc);
+  const int64_t hidden = x.size(-1);
+  dispatch_float(x.scalar_type(), "fused_add_rms_norm", [&](auto tag) {
+    using T = decltype(tag);
+    const T *xs = xc.const_data_ptr<T>(), *rs = rc.const_data_ptr<T>();
+    T *dst = out.data_ptr<T>(), *sums = sum.data_ptr<T>();
+    for_each_row<T>(xc, [&](int64_t r, float* h, float* w_buf) {
+      to_float(xs + r * hidden, h, hidden);
+      to_float(rs + r * hidden, w_buf, hidden);
+      for (int64_t i = 0; i < hidden; ++i) h[i] += w_buf[i];
+      from_float(h, sums + r * hidden, hidden);
+      to_float(sums + r * hidden, h, hidden);  // continue from the rounded sum, as the reference does
+      rms_norm_row(h, wc.const_data_ptr<T>(), w_buf, dst + r * hidden, hidden, static_cast<float>(eps));
+    });
+  });
+  return {out, sum};
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  const at::Tensor xc = x.contiguous();
+  const int64_t d = x.size(-1) / 2;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = d;
+  at::Tensor out = at::empty(shape, x.options());
+  dispatch_float(x.scalar_type(), "silu_and_mul", [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = xc.const_data_ptr<T>();
+    T* dst = out.data_ptr<T>();
+    for_each_row<T>(out, [&](int64_t r, float* gate, float* up) {
+      to_float(src + r * 2 * d, gate, d);
+      to_float(src + r * 2 * d + d, up, d);
+      at::vec::map2([](Vec g, Vec u) { return g / (Vec(1.f) + g.neg().exp()) * u; }, gate, gate, up, d);
+      from_float(gate, dst + r * d, d);
+    });
+  });
+  return out;
+}
+
 void rotary_and_cache(const at::Tensor& positions, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
                       const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
@@ -193,8 +198,6 @@ void rotary_and_cache(const at::Tensor& positions, const at::Tensor& q, const at
   check_cache_args(k, v, k_cache, v_cache, slot_mapping);
   rotate_and_write(positions, q, k, v, cos, sin, k_cache, v_cache, slot_mapping);
 }
-
-}  // namespace
 
 TORCH_LIBRARY(tokenmill, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "

@@ -20,6 +20,7 @@
 #endif
 
 #include "common.h"
+#include "kernels.h"
 
 namespace tokenmill {
 namespace {
@@ -217,6 +218,8 @@ at::Tensor linear(const at::Tensor& x, int64_t n, const F& row_dots) {
   return y.to(x.scalar_type());
 }
 
+}  // namespace
+
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        const at::Tensor& zeros) {
   check_args("int4_linear", x, qweight, scales, x.size(1) / 2);
@@ -244,8 +247,6 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
     dots(Int8Row{q + r * k}, s + r * groups, xq, i0, count, k, out);
   });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros) -> Tensor");
