@@ -226,3 +226,10 @@ def test_a_draft_with_another_vocabulary_is_refused_at_start(tmp_path):
     with pytest.raises(ValueError, match="vocabulary"):
         LLM(model=tiny_config(tmp_path, "target", 24), load_format="dummy", skip_tokenizer_init=True,
             speculative_config=spec)
+
+
+def test_a_gguf_target_runs_a_draft_from_outside_a_gguf_file_unquantized(tmp_path):
+    spec = {"model": tiny_config(tmp_path, "draft", 49152), "load_format": "dummy", "num_speculative_tokens": 2}
+    want = LLM(quantization="gguf").generate(PROMPTS[0], GREEDY, use_tqdm=False)
+    got = LLM(quantization="gguf", speculative_config=spec).generate(PROMPTS[0], GREEDY, use_tqdm=False)
+    assert tokens(got) == tokens(want)

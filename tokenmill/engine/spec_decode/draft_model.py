@@ -8,6 +8,7 @@ is stale costs acceptance, never exactness, since the target verifies every toke
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from types import ModuleType
 
@@ -18,7 +19,7 @@ from tokenmill.engine.core.request import Sequence
 from tokenmill.engine.models.layers import AttentionMetadata
 from tokenmill.engine.models.llama import LlamaForCausalLM
 from tokenmill.engine.spec_decode.config import SpeculativeConfig
-from tokenmill.engine.weights.loader import init_dummy_weights, load_model_files
+from tokenmill.engine.weights.loader import GGUFWeights, init_dummy_weights, load_model_files
 from tokenmill.engine.weights.quantization import pack_linears
 
 # (logits [rows, vocab] of the sequences' next draft, the sequences) -> (a token per row, the distributions
@@ -37,6 +38,9 @@ class DraftModel:
             raise ValueError(f"the draft model {spec.model!r} takes {mc.max_position_embeddings} positions, fewer "
                              f"than max_model_len {max_model_len}; lower --max-model-len")
         self.model_config = mc
+        if config.quantization == "gguf" and not isinstance(weights, GGUFWeights):
+            # gguf keeps a GGUF file's own blocks; a draft from a Hugging Face folder (or dummy) runs unquantized.
+            config = dataclasses.replace(config, quantization=None, speculative_config=None)
         self.device, self.dtype = config.torch_device(), config.torch_dtype()
         old = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
