@@ -35,6 +35,7 @@ from tokenmill.engine.core.engine_core import AddRequest
 from tokenmill.engine.core.llm_engine import EngineStats
 from tokenmill.engine.limits import InvalidRequestError
 from tokenmill.engine.sampling.sampling_params import SamplingParams
+from tokenmill.engine.spec_decode.speculator import SpecDecodeStats
 
 from .metrics import PREFIX
 
@@ -145,15 +146,17 @@ class ReplicaEngineClient(EngineClient):
     @property
     def stats(self) -> EngineStats:
         snapshots = [load.stats for load in self.replicas.values() if load.stats is not None]
-        total = EngineStats(**{f.name: 0 for f in fields(EngineStats) if f.name != "finished_reasons"})
+        summed = [f.name for f in fields(EngineStats) if f.name not in ("finished_reasons", "spec_decode")]
+        total = EngineStats(**{name: 0 for name in summed})
         reasons: Counter[str] = Counter()
         for s in snapshots:
-            for f in fields(EngineStats):
-                if f.name not in ("finished_reasons", "kv_cache_usage"):
-                    setattr(total, f.name, getattr(total, f.name) + getattr(s, f.name))
+            for name in summed:
+                if name != "kv_cache_usage":
+                    setattr(total, name, getattr(total, name) + getattr(s, name))
             reasons.update(s.finished_reasons)
         total.kv_cache_usage = sum(s.kv_cache_usage for s in snapshots) / max(1, len(snapshots))
         total.finished_reasons = dict(reasons)
+        total.spec_decode = SpecDecodeStats.total([s.spec_decode for s in snapshots if s.spec_decode is not None])
         return total
 
     def _submit_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

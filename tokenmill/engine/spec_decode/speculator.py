@@ -17,6 +17,7 @@ state kept per sampled token.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -45,6 +46,15 @@ class SpecDecodeStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_pos: tuple[int, ...] = ()
+
+    @classmethod
+    def total(cls, stats: list[SpecDecodeStats]) -> SpecDecodeStats | None:
+        """Several engines' counters summed (replicas of one model); None when none speculates."""
+        if not stats:
+            return None
+        per_pos = [sum(counts) for counts in itertools.zip_longest(*(s.accepted_per_pos for s in stats), fillvalue=0)]
+        return cls(sum(s.num_drafts for s in stats), sum(s.num_draft_tokens for s in stats),
+                   sum(s.num_accepted_tokens for s in stats), tuple(per_pos))
 
 
 class _SeqState:
