@@ -133,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "deepseek_r1 (replies start inside the reasoning; one without </think> is all "
                             "reasoning) or qwen3 (only a reply that starts with <think> reasons); structured "
                             "outputs and forced tool calls then constrain the answer only (default: none)")
+    observe = serve.add_argument_group("logs and traces")
+    observe.add_argument("--log-format", default="text", choices=["text", "json"],
+                         help="json: every log line of every process as one JSON object, and the access log's "
+                              "fields (request id, model, route, status, tokens, queue time, TTFT, duration, "
+                              "finish reason, client) as its keys (default: %(default)s)")
+    observe.add_argument("--log-prompts", action="store_true",
+                         help="put each request's prompt and output text in its access-log line (default: never)")
+    observe.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                         help="export a span per request over OTLP/HTTP (protobuf) to this collector, e.g. "
+                              "http://127.0.0.1:4318 (/v1/traces is added to a bare address); needs "
+                              "pip install 'tokenmill[otel]' (default: no tracing)")
+    observe.add_argument("--otlp-traces-sampling-ratio", type=float, default=1.0,
+                         help="share of new traces kept; a caller's traceparent decides for its own "
+                              "(default: %(default)s)")
     serve.add_argument("--fault-injection", default=None,
                        help="testing only: make chosen requests or steps fail (request:MARKER, "
                             "sampler:MARKER, step:N; see engine/faults.py)")

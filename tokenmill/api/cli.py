@@ -7,10 +7,14 @@ import logging
 import sys
 from pathlib import Path
 
+from tokenmill.engine.log_setup import LogSettings
+
+from .access_log import AccessLog
 from .args import build_parser, engine_config, model_specs
 from .model_spec import model_config
 
 _NOT_ON_RAY = [("engine_in_process", "--engine-in-process"), ("admin_key", "--admin-key"),
+               ("otlp_traces_endpoint", "--otlp-traces-endpoint"), ("log_prompts", "--log-prompts"),
                ("memory_budget", "--memory-budget"), ("model_dir", "--model-dir"), ("enable_lora", "--enable-lora"),
                ("lora_modules", "--lora-modules")]
 
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         return run_benchmark(args.benchmark, args.args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    LogSettings(logging.INFO, json=args.log_format == "json").configure()
     from .response_store import ResponseStore
 
     try:
@@ -69,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         check_ray_args(args)
         store = ResponseStore(args.responses_store_max_entries, args.responses_store_max_bytes,
                               args.responses_store_ttl)
+        tracer = None
+        if args.otlp_traces_endpoint:
+            from .tracing import RequestTracer
+
+            tracer = RequestTracer(args.otlp_traces_endpoint, args.otlp_traces_sampling_ratio)
     except (TypeError, ValueError) as e:
         print(f"tokenmill serve: {e}", file=sys.stderr)
         return 2
@@ -83,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_server(config, args.host, args.port, specs, args.api_key, args.sse_ping_interval,
                           args.engine_in_process, args.tool_call_parser, args.admin_key, args.memory_budget,
-                          args.model_dir, loras, args.reasoning_parser, store)
+                          args.model_dir, loras, args.reasoning_parser, store, AccessLog(args.log_prompts), tracer)
     except EngineStartupError as e:
         print(f"tokenmill serve: the engine failed to start: {e}", file=sys.stderr)
         return 1

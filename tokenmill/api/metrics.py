@@ -1,23 +1,22 @@
-"""Prometheus metrics with vLLM's names under the `tokenmill:` prefix, and the per-request log line.
+"""Prometheus metrics with vLLM's names under the `tokenmill:` prefix.
 
 Gauges and counters are read from the engine's latest stats snapshot at scrape time (a custom
 collector), so the engine thread does no metrics work; latency histograms are observed as each
-request's outputs reach the server.
+request's outputs reach the server, and HTTP requests are counted by route and status as they end.
 """
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tokenmill.engine.core.llm_engine import EngineStats
 from tokenmill.engine.outputs import RequestOutput
 
-logger = logging.getLogger("tokenmill.api")
+from .observe import RequestRecord, current_record
 
 PREFIX = "tokenmill:"
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -109,6 +108,14 @@ class ServerMetrics:
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Time to first token.")
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between output tokens.")
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.")
+        self.http_requests = Counter(PREFIX + "http_requests_total",
+                                     "HTTP requests by route template and status code (and model, once known).",
+                                     ["model_name", "version", "method", "route", "status"], registry=self.registry)
+
+    def count_http_request(self, r: RequestRecord) -> None:
+        # The route's template, not the path: a client's made-up paths must not grow the label set.
+        self.http_requests.labels(r.model or "", r.version or "", r.method, r.route or "unmatched",
+                                  str(r.status or 0)).inc()
 
     def for_model(self, name: str, version: str | None) -> ModelMetrics:
         return ModelMetrics(self, name, version or "")
@@ -127,23 +134,29 @@ class ModelMetrics:
 
 
 class RequestTracker:
-    """Follows one engine request's output deltas: latency histograms and the log line when it ends."""
+    """Follows one engine request's output deltas: the latency histograms, and the HTTP request's record when
+    it ends."""
 
     def __init__(self, metrics: ModelMetrics, request_id: str):
         self.metrics = metrics
         self.request_id = request_id
+        self.record = current_record()
         self.last: RequestOutput | None = None
         self._last_time = 0.0
         self._num_tokens: dict[int, int] = {}  # per sample
         self._reasons: dict[int, str] = {}
+        self._texts: dict[int, str] = {}  # per sample, kept only for --log-prompts
 
     def update(self, delta: RequestOutput) -> None:
         now = time.time()
         before = max(self._num_tokens.values(), default=0)
+        keep_text = self.record is not None and self.record.keep_text
         for o in delta.outputs:
             self._num_tokens[o.index] = self._num_tokens.get(o.index, 0) + len(o.token_ids)
             if o.finish_reason:
                 self._reasons[o.index] = o.finish_reason
+            if keep_text:
+                self._texts[o.index] = self._texts.get(o.index, "") + o.text
         length = max(self._num_tokens.values(), default=0)
         if self.last is None:
             self.metrics.time_to_first_token.observe(now - delta.metrics.arrival_time)
@@ -154,21 +167,20 @@ class RequestTracker:
         self.last, self._last_time = delta, now
         if delta.finished:
             self.metrics.e2e_request_latency.observe(now - delta.metrics.arrival_time)
-            self._log("failed" if delta.error else "finished")
+            self._record("error" if delta.error else None)
 
     def close(self) -> None:
         """The stream ended; if the request had not finished, the client left and it was aborted."""
         if self.last is None or not self.last.finished:
-            self._log("aborted")
+            self._record("abort")
 
-    def _log(self, status: str) -> None:
-        out = self.last
-        if out is None:
-            logger.info("request %s %s before its first token", self.request_id, status)
+    def _record(self, reason: str | None) -> None:
+        """Fold the request, as it ended, into the HTTP request's record; reason: why, where the samples'
+        own finish reasons do not say (an abort, an error)."""
+        if self.record is None or self.last is None:
             return
-        m = out.metrics
-        ttft = (m.first_token_time - m.arrival_time) if m.first_token_time else float("nan")
-        reasons = ",".join(self._reasons[i] for i in sorted(self._reasons))
-        logger.info("request %s %s (%s): prompt %d tokens, output %d tokens, TTFT %.3fs, total %.3fs",
-                    self.request_id, status, reasons, len(out.prompt_token_ids),
-                    sum(self._num_tokens.values()), ttft, time.time() - m.arrival_time)
+        reasons = [self._reasons[i] for i in sorted(self._reasons)]
+        if reason and reason not in reasons:
+            reasons.append(reason)
+        self.record.add_engine_request(self.last, sum(self._num_tokens.values()), reasons,
+                                       [self._texts[i] for i in sorted(self._texts)])

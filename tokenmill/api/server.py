@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
@@ -21,12 +20,14 @@ from tokenmill.engine.core.async_engine import AsyncLLMEngine
 from tokenmill.engine.core.core_client import MPEngineClient
 from tokenmill.engine.core.engine_client import EngineClient
 
+from .access_log import AccessLog
 from .admin import admin_router
 from .auth import bearer_key_check
 from .errors import EXPECTED_ERRORS, bad_request, install_error_handlers, internal_error
 from .invocations import dispatch, openapi_request_body, openapi_responses
 from .model_spec import ModelSpec
 from .models import ModelRegistry, ServedModel
+from .observe import RequestObserver
 from .protocol import (
     ERROR_RESPONSES,
     ChatCompletionChunk,
@@ -47,15 +48,12 @@ from .response_store import ResponseStore
 from .serving_messages import messages_router
 from .serving_responses import add_responses_routes
 from .tools import ToolRequest
+from .tracing import RequestTracer
 
 logger = logging.getLogger("tokenmill.api")
 
 # How long SIGTERM waits for in-flight requests before cancelling (and so aborting) them.
 GRACEFUL_SHUTDOWN_S = 30
-
-
-def _set_request_id(request: Request) -> None:
-    request.state.request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
 
 
 class _Route(APIRoute):
@@ -79,13 +77,15 @@ class _Route(APIRoute):
 def build_app(models: ModelRegistry | EngineClient, served_model_name: str | None = None, api_key: str | None = None,
               owns_engine: bool = True, sse_ping_s: float = 15.0, tool_call_parser: str | None = None,
               admin_key: str | None = None, reasoning_parser: str | None = None,
-              response_store: ResponseStore | None = None) -> FastAPI:
+              response_store: ResponseStore | None = None, access_log: AccessLog | None = None,
+              tracer: RequestTracer | None = None) -> FastAPI:
     """An app serving the registry's models, or one engine (named served_model_name, else its model's
     name). The app's lifespan starts the engines and stops those it owns. tool_call_parser: the format
     of tool calls in replies (api/tool_parsers.py), by default the one each chat template implies.
     admin_key: enables the management API under /admin/ (api/admin.py). reasoning_parser: how replies split
     into reasoning and answer (api/reasoning_parsers.py), by default not at all. response_store: where the
-    Responses API keeps stored responses (default: a ResponseStore with its default bounds)."""
+    Responses API keeps stored responses (default: a ResponseStore with its default bounds). access_log: how
+    requests are logged (default: without prompts); tracer: where their spans go (default: not traced)."""
     if isinstance(models, EngineClient):
         engine, models = models, ModelRegistry(sse_ping_s=sse_ping_s, tool_call_parser=tool_call_parser,
                                                reasoning_parser=reasoning_parser)
@@ -102,9 +102,12 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
             await models.add_lora(name, path)
         yield
         models.shutdown()
+        if tracer is not None:
+            tracer.shutdown()
 
-    app = FastAPI(title="tokenmill", lifespan=lifespan, dependencies=[Depends(_set_request_id)])
+    app = FastAPI(title="tokenmill", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(RequestObserver, metrics=models.metrics, access_log=access_log or AccessLog(), tracer=tracer)
 
     # response_class only documents the bodies (none, and Prometheus text); the handlers build their own.
     @app.get("/health", response_class=Response,
@@ -186,7 +189,8 @@ def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec],
                sse_ping_s: float = 15.0, engine_in_process: bool = False, tool_call_parser: str | None = None,
                admin_key: str | None = None, memory_budget: int | None = None, model_dir: str | None = None,
                lora_modules: list[tuple[str, str]] | None = None, reasoning_parser: str | None = None,
-               response_store: ResponseStore | None = None) -> int:
+               response_store: ResponseStore | None = None, access_log: AccessLog | None = None,
+               tracer: RequestTracer | None = None) -> int:
     """Load the models, then serve until SIGINT or SIGTERM (which drain in-flight requests first).
 
     Each engine runs in a process of its own, or with engine_in_process on a thread of this one. Raises
@@ -200,9 +204,12 @@ def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec],
     for spec in specs:
         models.load_at_start(spec)
     models.startup_loras = list(lora_modules or [])
-    app = build_app(models, admin_key=admin_key, api_key=api_key, response_store=response_store)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
-                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    app = build_app(models, admin_key=admin_key, api_key=api_key, response_store=response_store,
+                    access_log=access_log, tracer=tracer)
+    # Our access log replaces uvicorn's, and uvicorn's own lines go through the root logger's format (text or
+    # JSON, as the CLI configured it) rather than handlers of its own.
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", log_config=None,
+                                           access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
 
     def stop_serving(error: Exception) -> None:  # runs on an engine's thread or reader; a plain flag
         logger.critical("shutting down, no model is left serving: %s", error)

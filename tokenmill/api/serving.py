@@ -38,6 +38,7 @@ from tokenmill.engine.sampling.sampling_params import SamplingParams
 
 from .errors import APIError, bad_request
 from .metrics import ModelMetrics
+from .observe import current_record
 from .output_parser import OutputParser
 from .protocol import (
     ChatCompletionRequest,
@@ -249,7 +250,26 @@ class OpenAIServing:
                 raise bad_request(str(error), param=param or prompt_field)
             raise error
         self._streams = [s for s in self._streams if not s.finished] + results
+        self._describe(prompts, params, prompt_field)
         return results
+
+    def _describe(self, prompts: list[PromptType], params: SamplingParams | BeamSearchParams,
+                  prompt_field: str) -> None:
+        """What the request asked for, on its record (for the access log and the trace span)."""
+        record = current_record()
+        if record is None:
+            return
+        record.operation = "text_completion" if prompt_field == "prompt" else "chat"
+        beams = isinstance(params, BeamSearchParams)
+        record.params = {"max_tokens": params.max_tokens, "temperature": params.temperature,
+                         "top_p": None if beams else params.top_p, "n": params.beam_width if beams else params.n}
+        if record.keep_text:
+            record.prompts += [self._prompt_text(p) for p in prompts]
+
+    def _prompt_text(self, prompt: PromptType) -> str:
+        if isinstance(prompt, dict):
+            prompt = prompt.get("prompt") or prompt.get("prompt_token_ids", [])
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
 
     @property
     def num_in_flight(self) -> int:

@@ -41,6 +41,7 @@ from tokenmill.engine.core.engine_core import (
 )
 from tokenmill.engine.core.llm_engine import EngineStats
 from tokenmill.engine.limits import InvalidRequestError
+from tokenmill.engine.log_setup import LogSettings
 from tokenmill.engine.sampling.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ class MPEngineClient(CoreClient):
         self._conn, child_conn = context.Pipe()
         self.process = context.Process(
             target=run_engine_core_process, name="tokenmill-engine", daemon=True,
-            args=(config, child_conn, os.getpid(), logging.getLogger().getEffectiveLevel()))
+            args=(config, child_conn, os.getpid(), LogSettings.current()))
         began = time.monotonic()
         self.process.start()
         child_conn.close()  # else our own copy would keep the pipe open when the engine dies

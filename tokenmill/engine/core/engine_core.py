@@ -28,6 +28,7 @@ from typing import Any
 from tokenmill.engine.config import EngineConfig, ModelConfig
 from tokenmill.engine.core.lifetime import die_with_parent, set_process_name
 from tokenmill.engine.core.llm_engine import EngineStats, LLMEngine
+from tokenmill.engine.log_setup import LogSettings
 from tokenmill.engine.outputs import RequestOutput
 from tokenmill.engine.sampling.sampling_params import SamplingParams
 from tokenmill.engine.sampling.structured_output import compile_timeout_error
@@ -221,7 +222,7 @@ class EngineCore:
 
 # ---- the engine process ----------------------------------------------------------------------
 
-def run_engine_core_process(config: EngineConfig, conn: Connection, parent_pid: int, log_level: int) -> None:
+def run_engine_core_process(config: EngineConfig, conn: Connection, parent_pid: int, log: LogSettings) -> None:
     """The engine process's main: load the model, send CoreReady (or CoreFailed and exit 1), then serve
     rounds over `conn` until Shutdown, the server's death, or a fault (CoreFailed, exit 1)."""
     die_with_parent(parent_pid)
@@ -229,7 +230,7 @@ def run_engine_core_process(config: EngineConfig, conn: Connection, parent_pid: 
     # Ctrl-C and a supervisor's SIGTERM reach the whole process group: the server decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
+    log.configure("engine")
     try:
         engine = LLMEngine(config)  # sets torch's threads: config.num_threads, else torch's default (all cores)
     except Exception as e:

@@ -32,6 +32,7 @@ from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.core.lifetime import die_with_parent
 from tokenmill.engine.executor.model_runner import ModelRunner, StepInputs
 from tokenmill.engine.executor.shm_collectives import COLLECTIVE_TIMEOUT
+from tokenmill.engine.log_setup import LogSettings
 from tokenmill.engine.weights.loader import load_model_files
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class Workers:
                 process = context.Process(
                     target=run_worker, name=f"tokenmill-tp{rank}", daemon=True,
                     args=(config, rank, store.port, reader, os.getpid(), max_model_len,
-                          logging.getLogger().getEffectiveLevel()))
+                          LogSettings.current()))
                 process.start()
                 reader.close()
                 self.processes.append(process)
@@ -133,12 +134,12 @@ def _stop(processes: list[multiprocessing.Process], conns: list[Connection]) -> 
 
 
 def run_worker(config: EngineConfig, rank: int, port: int, conn: Connection, parent_pid: int, max_model_len: int,
-               log_level: int) -> None:
+               log: LogSettings) -> None:
     """A worker's main: join the group, build and load this rank's shard of the model, then run each step's
     inputs from rank 0 until the pipe closes."""
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the engine decides
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s [tp{rank}]: %(message)s")
+    log.configure(f"tp{rank}")
     threads = config.num_threads_per_rank()
     if threads:
         torch.set_num_threads(threads)
