@@ -29,6 +29,7 @@ from tokenmill.engine.weights.loader import load_model_files
 
 from .errors import APIError
 from .metrics import ServerMetrics
+from .observe import current_record
 from .model_spec import ModelSpec, model_config, model_id
 from .serving import OpenAIServing
 from .serving_chat import ServingChat
@@ -161,6 +162,9 @@ class ModelRegistry:
                            "still serve", type="server_error", code="unavailable")
         served.pending += 1
         served.last_used = time.monotonic()
+        record = current_record()
+        if record is not None:
+            record.model, record.version = served.name, served.version
         return served
 
     @contextlib.asynccontextmanager
