@@ -29,8 +29,8 @@ from tokenmill.engine.weights.loader import load_model_files
 
 from .errors import APIError
 from .metrics import ServerMetrics
-from .observe import current_record
 from .model_spec import ModelSpec, model_config, model_id
+from .observe import current_record
 from .serving import OpenAIServing
 from .serving_chat import ServingChat
 from .serving_completions import ServingCompletions
