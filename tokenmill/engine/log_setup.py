@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import sys
+import threading
 from dataclasses import dataclass
 
 # Attributes every LogRecord has; anything else on a record came through `extra=` and goes into its JSON.
@@ -54,3 +56,14 @@ class LogSettings:
         handler.setFormatter(JsonFormatter(tag) if self.json
                              else logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s"))
         logging.basicConfig(level=self.level, handlers=[handler], force=True)
+        logging.captureWarnings(True)  # warnings.warn() from libraries goes through the same format
+        if self.json:  # and so do tracebacks nothing caught, which Python would print raw
+            sys.excepthook = _log_uncaught
+            threading.excepthook = lambda a: _log_uncaught(a.exc_type, a.exc_value, a.exc_traceback, a.thread)
+
+
+def _log_uncaught(kind: type, value: BaseException, tb: object, thread: threading.Thread | None = None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        return sys.__excepthook__(kind, value, tb)
+    where = f" in thread {thread.name}" if thread else ""
+    logging.getLogger("tokenmill").critical("uncaught exception%s", where, exc_info=(kind, value, tb))
