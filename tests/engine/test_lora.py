@@ -81,11 +81,10 @@ def make_llm(path: str, **kwargs) -> LLM:
                **kwargs)
 
 
-@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu-ops", "reference"])
-def test_mixed_batch_runs_each_adapter_as_its_merged_weights(tiny, cpu_kernels):
-    """Two adapters and the base model in one batch; small steps, so prefill chunks run beside decodes."""
-    hf, path, adapters = tiny
-    llm = make_llm(path, max_num_batched_tokens=16, cpu_kernels=cpu_kernels)
+def run_mixed_batch(llm: LLM, tiny) -> tuple[list, list]:
+    """Both adapters loaded, then a batch of adapters and the base model; each output is checked against its
+    merged weights in transformers. Returns the batch's adapter names and outputs."""
+    hf, _, adapters = tiny
     for name, (folder, _) in adapters.items():
         llm.add_lora(name, str(folder))
     names = ["qv", "all", None, "qv"]
@@ -93,6 +92,14 @@ def test_mixed_batch_runs_each_adapter_as_its_merged_weights(tiny, cpu_kernels):
     oracles = {None: hf} | {name: merged for name, (_, merged) in adapters.items()}
     for prompt, name, out in zip(PROMPTS, names, outs, strict=True):
         assert_matches_transformers(oracles[name], prompt, out.outputs[0], GREEDY.max_tokens, top_n=3)
+    return names, outs
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu-ops", "reference"])
+def test_mixed_batch_runs_each_adapter_as_its_merged_weights(tiny, cpu_kernels):
+    """Two adapters and the base model in one batch; small steps, so prefill chunks run beside decodes."""
+    llm = make_llm(tiny[1], max_num_batched_tokens=16, cpu_kernels=cpu_kernels)
+    names, outs = run_mixed_batch(llm, tiny)
     # Each alone gives what it gave in the mixed batch: the same tokens, and logprobs equal to float32 noise
     # (a GEMM's reduction order follows its row count, so a batch and one row differ in the last bits;
     # measured up to 1.2e-5 over ten steps, so 5e-5 still catches an adapter applied to the wrong rows).
@@ -104,7 +111,7 @@ def test_mixed_batch_runs_each_adapter_as_its_merged_weights(tiny, cpu_kernels):
             assert all(got[t] == pytest.approx(want[t], abs=5e-5) for t in got)
     # The adapters matter: each changes the greedy tokens of some prompt.
     base = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
-    for name in adapters:
+    for name in tiny[2]:
         tuned = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_name=name)]
         assert tuned != base
 
@@ -296,14 +303,7 @@ def test_engine_client_loads_adapters_and_runs_requests_with_them(tiny, transpor
 
 def test_speculative_decoding_runs_each_adapter_as_its_merged_weights(tiny):
     """n-gram drafts verified under each sequence's adapter give that adapter's greedy tokens and logprobs."""
-    hf, path, adapters = tiny
-    llm = make_llm(path, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
-                                             "prompt_lookup_min": 1, "prompt_lookup_max": 2})
-    for name, (folder, _) in adapters.items():
-        llm.add_lora(name, str(folder))
-    names = ["qv", "all", None, "qv"]
-    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_name=names)
-    oracles = {None: hf} | {name: merged for name, (_, merged) in adapters.items()}
-    for prompt, name, out in zip(PROMPTS, names, outs, strict=True):
-        assert_matches_transformers(oracles[name], prompt, out.outputs[0], GREEDY.max_tokens, top_n=3)
+    llm = make_llm(tiny[1], speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                                "prompt_lookup_min": 1, "prompt_lookup_max": 2})
+    run_mixed_batch(llm, tiny)
     assert llm.engine.stats().spec_decode.num_draft_tokens > 0

@@ -345,8 +345,10 @@ class LLMEngine:
         states = None
         if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
             states = [self._penalty_state(s) for s in seqs]  # penalized sequences have no drafts
+        # A draft row sees the drafts before it as output (min_tokens counts them); the rest need no copy.
+        outputs = [s.output_token_ids + s.spec_token_ids[:j] if j else s.output_token_ids for s, j in rows]
         meta = SamplingMetadata.build(
-            params, [s.prompt_token_ids for s in seqs], [s.output_token_ids + s.spec_token_ids[:j] for s, j in rows],
+            params, [s.prompt_token_ids for s in seqs], outputs,
             [s.generator for s in seqs], self.model_config.vocab_size, logits.device, states, bitmask)
         if any(s.spec_token_ids for s in seqs):
             self._add_drafts(meta, rows, logits.device)
