@@ -23,7 +23,9 @@ from tokenmill.engine.core.engine_client import EngineClient
 
 from .admin import admin_router
 from .auth import bearer_key_check
+from .body_limit import BodyLimit
 from .errors import EXPECTED_ERRORS, bad_request, install_error_handlers, internal_error
+from .http_limits import HTTPLimits
 from .invocations import dispatch, openapi_request_body, openapi_responses
 from .model_spec import ModelSpec
 from .models import ModelRegistry, ServedModel
@@ -79,13 +81,14 @@ class _Route(APIRoute):
 def build_app(models: ModelRegistry | EngineClient, served_model_name: str | None = None, api_key: str | None = None,
               owns_engine: bool = True, sse_ping_s: float = 15.0, tool_call_parser: str | None = None,
               admin_key: str | None = None, reasoning_parser: str | None = None,
-              response_store: ResponseStore | None = None) -> FastAPI:
+              response_store: ResponseStore | None = None, http_limits: HTTPLimits | None = None) -> FastAPI:
     """An app serving the registry's models, or one engine (named served_model_name, else its model's
     name). The app's lifespan starts the engines and stops those it owns. tool_call_parser: the format
     of tool calls in replies (api/tool_parsers.py), by default the one each chat template implies.
     admin_key: enables the management API under /admin/ (api/admin.py). reasoning_parser: how replies split
     into reasoning and answer (api/reasoning_parsers.py), by default not at all. response_store: where the
-    Responses API keeps stored responses (default: a ResponseStore with its default bounds)."""
+    Responses API keeps stored responses (default: a ResponseStore with its default bounds). http_limits: the
+    bounds on a request's body, its size and how long it may take (default: HTTPLimits()'s)."""
     if isinstance(models, EngineClient):
         engine, models = models, ModelRegistry(sse_ping_s=sse_ping_s, tool_call_parser=tool_call_parser,
                                                reasoning_parser=reasoning_parser)
@@ -105,6 +108,8 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
 
     app = FastAPI(title="tokenmill", lifespan=lifespan, dependencies=[Depends(_set_request_id)])
     install_error_handlers(app)
+    http_limits = http_limits or HTTPLimits()
+    app.add_middleware(BodyLimit, max_bytes=http_limits.max_request_bytes, timeout_s=http_limits.request_body_timeout)
 
     # response_class only documents the bodies (none, and Prometheus text); the handlers build their own.
     @app.get("/health", response_class=Response,
@@ -186,13 +191,14 @@ def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec],
                sse_ping_s: float = 15.0, engine_in_process: bool = False, tool_call_parser: str | None = None,
                admin_key: str | None = None, memory_budget: int | None = None, model_dir: str | None = None,
                lora_modules: list[tuple[str, str]] | None = None, reasoning_parser: str | None = None,
-               response_store: ResponseStore | None = None) -> int:
+               response_store: ResponseStore | None = None, http_limits: HTTPLimits | None = None) -> int:
     """Load the models, then serve until SIGINT or SIGTERM (which drain in-flight requests first).
 
     Each engine runs in a process of its own, or with engine_in_process on a thread of this one. Raises
     EngineStartupError if an engine cannot load its model, ValueError for a bad setting or a budget the
     models do not fit. Returns the exit status: 0 after a clean stop, 1 if every engine died (so a
-    supervisor restarts us); while one model serves, the server stays up."""
+    supervisor restarts us); while one model serves, the server stays up. http_limits: what one request and
+    one connection may hold (api/http_limits.py)."""
     if not engine_in_process:
         torch.set_num_threads(1)  # this process only tokenizes and serves HTTP: the cores are the engines'
     factory = AsyncLLMEngine.from_config if engine_in_process else MPEngineClient
@@ -200,9 +206,12 @@ def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec],
     for spec in specs:
         models.load_at_start(spec)
     models.startup_loras = list(lora_modules or [])
-    app = build_app(models, admin_key=admin_key, api_key=api_key, response_store=response_store)
+    http_limits = http_limits or HTTPLimits()
+    app = build_app(models, admin_key=admin_key, api_key=api_key, response_store=response_store,
+                    http_limits=http_limits)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
-                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                                           **http_limits.uvicorn_options()))
 
     def stop_serving(error: Exception) -> None:  # runs on an engine's thread or reader; a plain flag
         logger.critical("shutting down, no model is left serving: %s", error)
