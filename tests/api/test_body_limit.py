@@ -18,6 +18,7 @@ import pytest
 from api_helpers import ServeProcess
 
 from tokenmill.api.args import build_parser, http_limits
+from tokenmill.api.cli import main
 from tokenmill.api.http_limits import HTTPLimits, default_max_request_bytes
 from tokenmill.engine.limits import RequestLimits
 
@@ -113,6 +114,11 @@ def test_the_default_body_limit_fits_the_longest_prompt_however_it_is_escaped():
     assert http_limits(parse(["serve", "--max-request-bytes", "16MiB"])).max_request_bytes == 16 * MiB
     with pytest.raises(ValueError, match="--request-body-timeout"):
         HTTPLimits(request_body_timeout=0)
+
+
+def test_a_bad_bound_exits_2_before_anything_starts(capsys):
+    assert main(["serve", "--max-header-bytes", "0"]) == 2
+    assert "--max-header-bytes must be at least 1 byte" in capsys.readouterr().err
 
 
 def test_a_256_mib_body_is_refused_before_it_is_read(served):
