@@ -89,7 +89,9 @@ def test_serve_help_documents_every_option(capsys):
     out = capsys.readouterr().out
     for flag in ["--host", "--port", "--dtype", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
                  "--kv-cache-memory", "--served-model-name", "--max-queue-len", "--api-key",
-                 "--responses-store-max-entries", "--responses-store-max-bytes", "--responses-store-ttl"]:
+                 "--responses-store-max-entries", "--responses-store-max-bytes", "--responses-store-ttl",
+                 "--max-request-bytes", "--request-body-timeout", "--max-header-bytes", "--request-header-timeout",
+                 "--timeout-keep-alive"]:
         assert flag in out
 
 

@@ -12,6 +12,7 @@ import re
 from tokenmill.engine.config import EngineConfig, default_model_path
 from tokenmill.engine.limits import RequestLimits
 
+from .http_limits import HTTPLimits, default_max_request_bytes
 from .model_spec import ModelSpec, default_name, model_id
 from .reasoning_parsers import REASONING_PARSERS
 from .tool_parsers import TOOL_FORMATS
@@ -115,6 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
                        default=limits.max_constraint_compile_s,
                        help="seconds a structured-output constraint may take to compile; a request whose constraint "
                             "takes longer is a 400 (default: %(default)s)")
+    http = HTTPLimits()
+    serve.add_argument("--max-request-bytes", type=parse_size, default=None,
+                       help="most bytes in a request's body, e.g. 16MiB: a Content-Length over it is refused before "
+                            "the body is read, a chunked body once it passes it; a 413, and the connection is "
+                            "closed (default: 12 bytes, the most a character takes JSON-escaped, per "
+                            "--max-prompt-chars character, plus 1MiB: "
+                            f"{default_max_request_bytes(limits.max_prompt_chars) >> 20}MiB by default)")
+    serve.add_argument("--request-body-timeout", type=float, default=http.request_body_timeout,
+                       help="seconds a request's body may take to arrive in full; a slower one is a 408, and the "
+                            "connection is closed (default: %(default)s)")
+    serve.add_argument("--max-header-bytes", type=parse_size, default=http.max_header_bytes,
+                       help="most bytes in a request's line and headers; more is a 431 (a 400 where uvicorn runs "
+                            "h11, without httptools), and the connection is closed (default: 16KiB)")
+    serve.add_argument("--request-header-timeout", type=float, default=http.request_header_timeout,
+                       help="seconds a request's line and headers may take to arrive, from its first byte or the "
+                            "connection's opening; a connection that is late is closed (with httptools, which "
+                            "uvicorn runs when installed) (default: %(default)s)")
+    serve.add_argument("--timeout-keep-alive", type=float, default=http.timeout_keep_alive,
+                       help="seconds an idle keep-alive connection stays open between requests (default: %(default)s)")
     serve.add_argument("--sse-ping-interval", type=float, default=15.0,
                        help="seconds between keep-alive comments on an idle stream (default: %(default)s)")
     serve.add_argument("--responses-store-max-entries", type=int, default=1000,
@@ -241,3 +261,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                                              max_constraint_chars=args.max_constraint_chars,
                                              max_constraint_compile_s=args.max_constraint_compile_s,
                                              max_waiting_seqs=args.max_queue_len))
+
+
+def http_limits(args: argparse.Namespace) -> HTTPLimits:
+    """What one request and one connection may hold; the body limit follows --max-prompt-chars unless given."""
+    return HTTPLimits(max_request_bytes=args.max_request_bytes or default_max_request_bytes(args.max_prompt_chars),
+                      request_body_timeout=args.request_body_timeout, max_header_bytes=args.max_header_bytes,
+                      request_header_timeout=args.request_header_timeout, timeout_keep_alive=args.timeout_keep_alive)

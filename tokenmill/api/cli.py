@@ -10,7 +10,7 @@ from pathlib import Path
 from tokenmill.engine.log_setup import LogSettings
 
 from .access_log import AccessLog
-from .args import build_parser, engine_config, model_specs
+from .args import build_parser, engine_config, http_limits, model_specs
 from .model_spec import model_config
 
 _NOT_ON_RAY = [("engine_in_process", "--engine-in-process"), ("admin_key", "--admin-key"),
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(len(m) != 2 or not all(m) for m in loras):
             raise ValueError("--lora-modules: give NAME=PATH")
         check_ray_args(args)
+        limits = http_limits(args)
         store = ResponseStore(args.responses_store_max_entries, args.responses_store_max_bytes,
                               args.responses_store_ttl)
         tracer = None
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_server(config, args.host, args.port, specs, args.api_key, args.sse_ping_interval,
                           args.engine_in_process, args.tool_call_parser, args.admin_key, args.memory_budget,
-                          args.model_dir, loras, args.reasoning_parser, store, AccessLog(args.log_prompts), tracer)
+                          args.model_dir, loras, args.reasoning_parser, store, limits, AccessLog(args.log_prompts),
+                          tracer)
     except EngineStartupError as e:
         print(f"tokenmill serve: the engine failed to start: {e}", file=sys.stderr)
         return 1

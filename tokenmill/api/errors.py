@@ -4,7 +4,8 @@
 404 unknown model or path; 503 with Retry-After when the queue is full; 503 while shutting down or
 once the engine is dead; 500 for a request that failed inside the engine (its message names it) and
 for bugs, logged with the request id. The Anthropic Messages routes render the same errors in
-Anthropic's shape (api/errors_anthropic.py).
+Anthropic's shape (api/errors_anthropic.py). A body over --max-request-bytes (413) or slower than
+--request-body-timeout (408) is answered before the app runs, by api/body_limit.py, with these same objects.
 """
 from __future__ import annotations
 

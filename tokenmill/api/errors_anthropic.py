@@ -36,6 +36,12 @@ def anthropic_error(error: APIError, request_id: str) -> tuple[int, ErrorRespons
     return status, ErrorResponse(error=ErrorObject(type=kind, message=message), request_id=request_id)
 
 
+def anthropic_response(error: APIError, request_id: str) -> JSONResponse:
+    """The error as Anthropic's API would answer it, headers (Retry-After) included."""
+    status, body = anthropic_error(error, request_id)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=error.headers)
+
+
 def stream_error(exc: Exception, request_id: str) -> ErrorResponse:
     """The `error` event of a stream that fails after its status line."""
     return anthropic_error(api_error(exc, request_id), request_id)[1]
@@ -53,8 +59,6 @@ class MessagesRoute(APIRoute):
             except Exception as e:
                 # A body that is not JSON fails before the app's dependencies give the request its id.
                 request_id = getattr(request.state, "request_id", None) or f"req-{uuid.uuid4().hex}"
-                error = api_error(e, request_id)
-                status, body = anthropic_error(error, request_id)
-                return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=error.headers)
+                return anthropic_response(api_error(e, request_id), request_id)
 
         return route

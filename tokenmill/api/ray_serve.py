@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import re
 import signal
 import sys
@@ -31,7 +32,8 @@ from tokenmill.engine.config import EngineConfig
 from tokenmill.engine.core.core_client import MPEngineClient
 from tokenmill.engine.core.engine_core import AddRequest
 
-from .args import build_parser, engine_config, model_specs
+from .args import build_parser, engine_config, http_limits, model_specs
+from .http_limits import HTTPLimits
 from .model_spec import ModelSpec, model_config, model_id
 from .models import ModelRegistry
 from .ray_client import EngineInfo, ReplicaCollector, ReplicaEngineClient, serve_call
@@ -102,7 +104,7 @@ class OpenAIIngress:
 
     async def __init__(self, engines: list[tuple[ModelSpec, DeploymentHandle]], api_key: str | None = None,
                        sse_ping_s: float = 15.0, tool_call_parser: str | None = None,
-                       reasoning_parser: str | None = None):
+                       reasoning_parser: str | None = None, limits: HTTPLimits | None = None):
         self.models = ModelRegistry(sse_ping_s=sse_ping_s, tool_call_parser=tool_call_parser,
                                     reasoning_parser=reasoning_parser)
         clients = {}
@@ -111,10 +113,12 @@ class OpenAIIngress:
             self.models.add(client, spec.name, spec.version, spec.path)
             clients[(spec.name, spec.version or "")] = client
         self.models.metrics.registry.register(ReplicaCollector(clients))
-        self.api_key = api_key
+        self.api_key, self.limits = api_key, limits
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_app(self.models, api_key=self.api_key)
+        # Serve's proxy holds the connections: of the HTTP limits, the body's apply here (the keep-alive timeout is
+        # the proxy's, from --timeout-keep-alive; the header bounds are Serve's own).
+        return build_app(self.models, api_key=self.api_key, http_limits=self.limits)
 
 
 def _deployment_name(spec: ModelSpec) -> str:
@@ -144,7 +148,8 @@ def engine_options(config: EngineConfig, replicas: ReplicaSettings, name: str) -
 
 def build_ray_app(base: EngineConfig, specs: list[ModelSpec], replicas: ReplicaSettings,
                   api_key: str | None = None, sse_ping_s: float = 15.0,
-                  tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> Application:
+                  tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+                  limits: HTTPLimits | None = None) -> Application:
     """The Serve application: an engine deployment per model, and the ingress over them."""
     engines, capacity = [], 0
     for spec in specs:
@@ -156,7 +161,7 @@ def build_ray_app(base: EngineConfig, specs: list[ModelSpec], replicas: ReplicaS
         capacity += options["max_ongoing_requests"] * replicas.most
     ingress = serve.deployment(OpenAIIngress).options(
         name="openai", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=capacity)
-    return ingress.bind(engines, api_key, sse_ping_s, tool_call_parser, reasoning_parser)
+    return ingress.bind(engines, api_key, sse_ping_s, tool_call_parser, reasoning_parser, limits)
 
 
 def replica_settings(args: argparse.Namespace) -> ReplicaSettings:
@@ -166,7 +171,7 @@ def replica_settings(args: argparse.Namespace) -> ReplicaSettings:
 def app_from_args(args: argparse.Namespace) -> Application:
     """The Serve application `tokenmill serve --ray` runs, from its parsed command line."""
     return build_ray_app(engine_config(args), model_specs(args), replica_settings(args), args.api_key,
-                         args.sse_ping_interval, args.tool_call_parser, args.reasoning_parser)
+                         args.sse_ping_interval, args.tool_call_parser, args.reasoning_parser, http_limits(args))
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -192,7 +197,8 @@ def run_ray(args: argparse.Namespace) -> int:
     app = app_from_args(args)
     ray.init(address=args.ray_address, include_dashboard=False)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options={"host": args.host, "port": args.port,
+                                  "keep_alive_timeout_s": math.ceil(args.timeout_keep_alive)})
         try:
             serve.run(app, name=APP_NAME, route_prefix="/")
         except Exception as e:  # an engine that cannot load its model fails its deployment

@@ -23,7 +23,9 @@ from tokenmill.engine.core.engine_client import EngineClient
 from .access_log import AccessLog
 from .admin import admin_router
 from .auth import bearer_key_check
+from .body_limit import BodyLimit
 from .errors import EXPECTED_ERRORS, bad_request, install_error_handlers, internal_error
+from .http_limits import HTTPLimits
 from .invocations import dispatch, openapi_request_body, openapi_responses
 from .model_spec import ModelSpec
 from .models import ModelRegistry, ServedModel
@@ -77,15 +79,16 @@ class _Route(APIRoute):
 def build_app(models: ModelRegistry | EngineClient, served_model_name: str | None = None, api_key: str | None = None,
               owns_engine: bool = True, sse_ping_s: float = 15.0, tool_call_parser: str | None = None,
               admin_key: str | None = None, reasoning_parser: str | None = None,
-              response_store: ResponseStore | None = None, access_log: AccessLog | None = None,
-              tracer: RequestTracer | None = None) -> FastAPI:
+              response_store: ResponseStore | None = None, http_limits: HTTPLimits | None = None,
+              access_log: AccessLog | None = None, tracer: RequestTracer | None = None) -> FastAPI:
     """An app serving the registry's models, or one engine (named served_model_name, else its model's
     name). The app's lifespan starts the engines and stops those it owns. tool_call_parser: the format
     of tool calls in replies (api/tool_parsers.py), by default the one each chat template implies.
     admin_key: enables the management API under /admin/ (api/admin.py). reasoning_parser: how replies split
     into reasoning and answer (api/reasoning_parsers.py), by default not at all. response_store: where the
-    Responses API keeps stored responses (default: a ResponseStore with its default bounds). access_log: how
-    requests are logged (default: without prompts); tracer: where their spans go (default: not traced)."""
+    Responses API keeps stored responses (default: a ResponseStore with its default bounds). http_limits: the
+    bounds on a request's body, its size and how long it may take (default: HTTPLimits()'s). access_log: how requests
+    are logged (default: without prompts); tracer: where their spans go (default: not traced)."""
     if isinstance(models, EngineClient):
         engine, models = models, ModelRegistry(sse_ping_s=sse_ping_s, tool_call_parser=tool_call_parser,
                                                reasoning_parser=reasoning_parser)
@@ -107,6 +110,9 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
 
     app = FastAPI(title="tokenmill", lifespan=lifespan)
     install_error_handlers(app)
+    http_limits = http_limits or HTTPLimits()
+    app.add_middleware(BodyLimit, max_bytes=http_limits.max_request_bytes, timeout_s=http_limits.request_body_timeout)
+    # Outermost, so that what BodyLimit refuses is counted, logged and traced too.
     app.add_middleware(RequestObserver, metrics=models.metrics, access_log=access_log or AccessLog(), tracer=tracer)
 
     # response_class only documents the bodies (none, and Prometheus text); the handlers build their own.
@@ -189,14 +195,15 @@ def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec],
                sse_ping_s: float = 15.0, engine_in_process: bool = False, tool_call_parser: str | None = None,
                admin_key: str | None = None, memory_budget: int | None = None, model_dir: str | None = None,
                lora_modules: list[tuple[str, str]] | None = None, reasoning_parser: str | None = None,
-               response_store: ResponseStore | None = None, access_log: AccessLog | None = None,
-               tracer: RequestTracer | None = None) -> int:
+               response_store: ResponseStore | None = None, http_limits: HTTPLimits | None = None,
+               access_log: AccessLog | None = None, tracer: RequestTracer | None = None) -> int:
     """Load the models, then serve until SIGINT or SIGTERM (which drain in-flight requests first).
 
     Each engine runs in a process of its own, or with engine_in_process on a thread of this one. Raises
     EngineStartupError if an engine cannot load its model, ValueError for a bad setting or a budget the
     models do not fit. Returns the exit status: 0 after a clean stop, 1 if every engine died (so a
-    supervisor restarts us); while one model serves, the server stays up."""
+    supervisor restarts us); while one model serves, the server stays up. http_limits: what one request and
+    one connection may hold (api/http_limits.py)."""
     if not engine_in_process:
         torch.set_num_threads(1)  # this process only tokenizes and serves HTTP: the cores are the engines'
     factory = AsyncLLMEngine.from_config if engine_in_process else MPEngineClient
@@ -204,12 +211,14 @@ def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec],
     for spec in specs:
         models.load_at_start(spec)
     models.startup_loras = list(lora_modules or [])
+    http_limits = http_limits or HTTPLimits()
     app = build_app(models, admin_key=admin_key, api_key=api_key, response_store=response_store,
-                    access_log=access_log, tracer=tracer)
+                    http_limits=http_limits, access_log=access_log, tracer=tracer)
     # Our access log replaces uvicorn's, and uvicorn's own lines go through the root logger's format (text or
     # JSON, as the CLI configured it) rather than handlers of its own.
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", log_config=None,
-                                           access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+                                           access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                                           **http_limits.uvicorn_options()))
 
     def stop_serving(error: Exception) -> None:  # runs on an engine's thread or reader; a plain flag
         logger.critical("shutting down, no model is left serving: %s", error)
