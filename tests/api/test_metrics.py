@@ -56,7 +56,7 @@ def test_request_phases_and_token_counts(http, client, model_name):
     assert min(queue, prefill, decode) >= 0
     assert inference == pytest.approx(prefill + decode, abs=1e-3)
     assert queue + inference <= e2e + 1e-3
-    assert e2e - (queue + inference) < 0.05 * n + 0.1 * e2e
+    assert e2e - (queue + inference) < 0.25 * n + 0.25 * e2e  # loose: a busy machine delays the server
 
     # vLLM's iteration tokens: a sequence's prompt in the step that gives its first token, plus the tokens
     # generated; with one sample per request, over finished requests that is prompt + generated tokens,
