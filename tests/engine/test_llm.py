@@ -66,12 +66,23 @@ def test_tiny_kv_cache_forces_preemption_and_outputs_stay_identical(batch_tokens
     assert small.engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in outs] == batch_tokens
     assert small.engine.block_manager.num_free_blocks == small.engine.block_manager.num_blocks
+    _assert_iteration_tokens_add_up(small)
 
 
 def test_chunked_prefill_of_prompt_longer_than_token_budget_gives_same_tokens(batch_tokens):
     chunked = LLM(dtype="float32", max_num_batched_tokens=7, enable_prefix_caching=False)
     outs = chunked.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == batch_tokens
+    _assert_iteration_tokens_add_up(chunked)
+
+
+def _assert_iteration_tokens_add_up(llm: LLM) -> None:
+    """Tokens per step, as vLLM counts them (a prompt once, in the step of its first token; each generated
+    token), add up to the prompt and generated tokens of the finished one-sample requests: preemptions'
+    recomputation and prefill chunks without a token are not counted again."""
+    stats = llm.engine.stats()
+    assert stats.iteration_tokens.tokens == stats.prompt_tokens + stats.generation_tokens
+    assert 0 < sum(stats.iteration_tokens.counts) <= stats.generation_tokens
 
 
 def test_prefix_cache_hits_on_shared_prefix_give_identical_outputs(llm):

@@ -133,9 +133,16 @@ def test_speculative_sampling_matches_plain_sampling_statistically(tmp_path, met
 
 
 def test_greedy_with_ngram_proposals_is_token_exact_in_a_batch_and_alone(plain, ngram, expected):
+    before = ngram.engine.stats()
     assert tokens(ngram.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
     for prompt, want in zip(PROMPTS[:3], expected, strict=False):
         assert tokens(ngram.generate(prompt, GREEDY, use_tqdm=False))[0] == want
+    after = ngram.engine.stats()
+    # Tokens per step count each accepted draft token as generated, and a prompt once: they add up.
+    generated = after.generation_tokens - before.generation_tokens
+    assert (after.iteration_tokens.tokens - before.iteration_tokens.tokens
+            == after.prompt_tokens - before.prompt_tokens + generated)
+    assert sum(after.iteration_tokens.counts) - sum(before.iteration_tokens.counts) < generated  # batched steps
     stats = ngram.engine.stats().spec_decode
     assert stats.num_accepted_tokens > stats.num_draft_tokens / 3  # the copy prompts are mostly proposals
     assert ngram.engine.block_manager.num_free_blocks == ngram.engine.block_manager.num_blocks

@@ -1,8 +1,10 @@
 """Prometheus metrics with vLLM's names under the `tokenmill:` prefix.
 
 Gauges and counters are read from the engine's latest stats snapshot at scrape time (a custom
-collector), so the engine thread does no metrics work; latency histograms are observed as each
-request's outputs reach the server, and HTTP requests are counted by route and status as they end.
+collector), so the engine thread does no metrics work beyond counting (tokens per step among them);
+latency histograms are observed as each request's outputs reach the server, the phases of a request
+(queue, prefill, decode, inference) and its token counts when it finishes, from the timestamps the
+engine stamped on it; HTTP requests are counted by route and status as they end.
 """
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from tokenmill.engine.core.llm_engine import EngineStats
+from tokenmill.engine.core.llm_engine import ITERATION_TOKEN_BUCKETS, EngineStats
 from tokenmill.engine.outputs import RequestOutput
 
 from .observe import RequestRecord, current_record
@@ -21,6 +24,8 @@ from .observe import RequestRecord, current_record
 PREFIX = "tokenmill:"
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+# Tokens per request, as vLLM buckets them (1, 2, 5 per decade).
+_TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5))
 
 
 # (kind, name, help, EngineStats field) of the engine's gauges and counters.
@@ -62,6 +67,16 @@ class _EngineStatsCollector(Collector):
             for reason, count in sorted(stats.finished_reasons.items()):
                 success.add_metric([*labels, reason], count)
         yield success
+        iteration = HistogramMetricFamily(PREFIX + "iteration_tokens_total",
+                                          "Tokens per engine step: prompts whose prefill ended in it, and tokens "
+                                          "generated.", labels=label_names)
+        for labels, stats in models:
+            h, cumulative, buckets = stats.iteration_tokens, 0, []
+            for bound, count in zip([*map(float, ITERATION_TOKEN_BUCKETS), float("inf")], h.counts, strict=True):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            iteration.add_metric(labels, buckets, h.tokens)
+        yield iteration
         yield from _spec_decode_metrics(models, label_names)
 
 
@@ -101,13 +116,26 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineStatsCollector(engine_stats))
 
-        def histogram(name: str, doc: str) -> Histogram:
-            return Histogram(PREFIX + name, doc, ["model_name", "version"], registry=self.registry,
-                             buckets=_LATENCY_BUCKETS)
+        def histogram(name: str, doc: str, buckets: tuple = _LATENCY_BUCKETS) -> Histogram:
+            return Histogram(PREFIX + name, doc, ["model_name", "version"], registry=self.registry, buckets=buckets)
 
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Time to first token.")
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between output tokens.")
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.")
+        # A finished request's phases, from the engine's timestamps, as vLLM splits them.
+        self.request_queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled (waiting).")
+        self.request_prefill_time = histogram("request_prefill_time_seconds", "First scheduled to first token.")
+        self.request_decode_time = histogram("request_decode_time_seconds", "First token to finish.")
+        self.request_inference_time = histogram("request_inference_time_seconds",
+                                                "First scheduled to finish (running).")
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens of a finished request.",
+                                               _TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram("request_generation_tokens",
+                                                   "Tokens a finished request generated (all its samples).",
+                                                   _TOKEN_BUCKETS)
+        self.request_max_num_generation_tokens = histogram(
+            "request_max_num_generation_tokens", "Tokens the longest sample of a finished request generated.",
+            _TOKEN_BUCKETS)
         self.http_requests = Counter(PREFIX + "http_requests_total",
                                      "HTTP requests by route template and status code (and model, once known).",
                                      ["model_name", "version", "method", "route", "status"], registry=self.registry)
@@ -122,12 +150,35 @@ class ServerMetrics:
 
 
 class ModelMetrics:
-    """One model's latency histograms."""
+    """One model's request histograms."""
 
     def __init__(self, metrics: ServerMetrics, name: str, version: str):
         self.time_to_first_token = metrics.time_to_first_token.labels(name, version)
         self.inter_token_latency = metrics.inter_token_latency.labels(name, version)
         self.e2e_request_latency = metrics.e2e_request_latency.labels(name, version)
+        self.request_queue_time = metrics.request_queue_time.labels(name, version)
+        self.request_prefill_time = metrics.request_prefill_time.labels(name, version)
+        self.request_decode_time = metrics.request_decode_time.labels(name, version)
+        self.request_inference_time = metrics.request_inference_time.labels(name, version)
+        self.request_prompt_tokens = metrics.request_prompt_tokens.labels(name, version)
+        self.request_generation_tokens = metrics.request_generation_tokens.labels(name, version)
+        self.request_max_num_generation_tokens = metrics.request_max_num_generation_tokens.labels(name, version)
+
+    def observe_finished(self, delta: RequestOutput, num_tokens: list[int]) -> None:
+        """A finished request's phases, from the engine's timestamps (a phase it never reached is left out),
+        and its token counts; num_tokens: each sample's generated tokens."""
+        m = delta.metrics
+        if m.first_scheduled_time is not None:
+            self.request_queue_time.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
+            if m.first_token_time is not None:
+                self.request_prefill_time.observe(max(0.0, m.first_token_time - m.first_scheduled_time))
+                if m.finished_time is not None:
+                    self.request_decode_time.observe(max(0.0, m.finished_time - m.first_token_time))
+            if m.finished_time is not None:
+                self.request_inference_time.observe(max(0.0, m.finished_time - m.first_scheduled_time))
+        self.request_prompt_tokens.observe(len(delta.prompt_token_ids))
+        self.request_generation_tokens.observe(sum(num_tokens))
+        self.request_max_num_generation_tokens.observe(max(num_tokens, default=0))
 
     def tracker(self, request_id: str) -> RequestTracker:
         return RequestTracker(self, request_id)
@@ -167,6 +218,7 @@ class RequestTracker:
         self.last, self._last_time = delta, now
         if delta.finished:
             self.metrics.e2e_request_latency.observe(now - delta.metrics.arrival_time)
+            self.metrics.observe_finished(delta, list(self._num_tokens.values()))
             self._record("error" if delta.error else None)
 
     def close(self) -> None:

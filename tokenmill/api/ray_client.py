@@ -32,7 +32,7 @@ from tokenmill.engine.core.engine_client import (
     RequestStream,
 )
 from tokenmill.engine.core.engine_core import AddRequest
-from tokenmill.engine.core.llm_engine import EngineStats
+from tokenmill.engine.core.llm_engine import EngineStats, IterationTokens
 from tokenmill.engine.limits import InvalidRequestError
 from tokenmill.engine.sampling.sampling_params import SamplingParams
 from tokenmill.engine.spec_decode.speculator import SpecDecodeStats
@@ -146,7 +146,8 @@ class ReplicaEngineClient(EngineClient):
     @property
     def stats(self) -> EngineStats:
         snapshots = [load.stats for load in self.replicas.values() if load.stats is not None]
-        summed = [f.name for f in fields(EngineStats) if f.name not in ("finished_reasons", "spec_decode")]
+        summed = [f.name for f in fields(EngineStats)
+                  if f.name not in ("finished_reasons", "spec_decode", "iteration_tokens")]
         total = EngineStats(**{name: 0 for name in summed})
         reasons: Counter[str] = Counter()
         for s in snapshots:
@@ -157,6 +158,7 @@ class ReplicaEngineClient(EngineClient):
         total.kv_cache_usage = sum(s.kv_cache_usage for s in snapshots) / max(1, len(snapshots))
         total.finished_reasons = dict(reasons)
         total.spec_decode = SpecDecodeStats.total([s.spec_decode for s in snapshots if s.spec_decode is not None])
+        total.iteration_tokens = IterationTokens.total([s.iteration_tokens for s in snapshots])
         return total
 
     def _submit_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

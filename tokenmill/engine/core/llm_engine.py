@@ -11,6 +11,7 @@ that raises out of step() is a fault of the engine itself.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from concurrent.futures import Future
@@ -55,6 +56,28 @@ class _Request:
         return all(s.is_finished for s in self.seqs)
 
 
+# Upper bounds of the tokens-per-step histogram's buckets (vLLM's iteration_tokens_total); one more bucket, above
+# them all, is +Inf.
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+@dataclass(frozen=True)
+class IterationTokens:
+    """Tokens per engine step since start, as vLLM counts them for iteration_tokens_total: the prompt tokens
+    of sequences whose prefill ended in the step (they got their first token) plus the tokens generated in
+    it. counts: steps per bucket of ITERATION_TOKEN_BUCKETS, not cumulative, the last one above them all;
+    tokens: every step's tokens summed."""
+
+    counts: tuple[int, ...] = (0,) * (len(ITERATION_TOKEN_BUCKETS) + 1)
+    tokens: int = 0
+
+    @classmethod
+    def total(cls, histograms: list[IterationTokens]) -> IterationTokens:
+        """Several engines' histograms added up (replicas of one model)."""
+        counts = [sum(c) for c in zip(*(h.counts for h in histograms), strict=True)] or cls().counts
+        return cls(tuple(counts), sum(h.tokens for h in histograms))
+
+
 @dataclass
 class EngineStats:
     """A snapshot for logs and the server's /metrics."""
@@ -69,6 +92,7 @@ class EngineStats:
     generation_tokens: int
     finished_reasons: dict[str, int] = field(default_factory=dict)
     spec_decode: SpecDecodeStats | None = None  # None: speculative decoding is off
+    iteration_tokens: IterationTokens = field(default_factory=IterationTokens)
 
 
 class LLMEngine:
@@ -116,6 +140,8 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.finished_reasons: dict[str, int] = {}
+        self._iteration_counts = [0] * (len(ITERATION_TOKEN_BUCKETS) + 1)  # see IterationTokens
+        self._iteration_tokens = 0
         self.faults = FaultInjector.parse(config.fault_injection)
         self.num_steps = 0
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -278,6 +304,7 @@ class LLMEngine:
         now = time.time()
         touched: dict[str, _Request] = {}
         row = 0
+        step_tokens = 0  # as vLLM counts them: see IterationTokens
         for seq in sample_seqs:
             num_drafts = len(seq.spec_token_ids)
             rows, row = samples[row:row + 1 + num_drafts], row + 1 + num_drafts
@@ -290,9 +317,12 @@ class LLMEngine:
                     raise failed
                 if num_drafts:  # the confirmed drafts, then the target's own token after them
                     rows = rows[:self.speculator.verified(seq, [r[0] for r in rows]) + 1]
+                if not seq.output_token_ids:  # its prefill ends with this first token
+                    step_tokens += seq.num_prompt_tokens
                 for sample in rows:
                     self._append(seq, *sample)
                     self.num_generation_tokens += 1
+                    step_tokens += 1
                     if self.faults is not None:
                         self.faults.on_token(req.fault_text)
                     if seq.is_finished:
@@ -302,6 +332,9 @@ class LLMEngine:
             except Exception as e:
                 self._fail_request(req, e)
             req.metrics.first_token_time = req.metrics.first_token_time or now
+        if step_tokens:
+            self._iteration_counts[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, step_tokens)] += 1
+            self._iteration_tokens += step_tokens
         results = []
         for req in touched.values():
             if req.finished:
@@ -460,4 +493,5 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
             prompt_tokens=self.num_prompt_tokens, generation_tokens=self.num_generation_tokens,
             finished_reasons=dict(self.finished_reasons),
-            spec_decode=self.speculator.stats() if self.speculator is not None else None)
+            spec_decode=self.speculator.stats() if self.speculator is not None else None,
+            iteration_tokens=IterationTokens(tuple(self._iteration_counts), self._iteration_tokens))
