@@ -19,13 +19,14 @@ class AccessLog:
         level = logging.DEBUG if r.path in UNTRACED_PATHS else logging.INFO
         if not logger.isEnabledFor(level):
             return
+        t = r.times
         fields = {
             "request_id": r.request_id, "method": r.method, "path": r.path, "route": r.route, "status": r.status,
             "client": r.client, "model": r.model, "version": r.version,
             "prompt_tokens": r.prompt_tokens if r.num_engine_requests else None,
             "output_tokens": r.output_tokens if r.num_engine_requests else None,
             "finish_reason": ",".join(r.finish_reasons) or None,
-            "queue_time": _seconds(r.queue_time), "ttft": _seconds(r.time_to_first_token),
+            "queue_time": _seconds(t and t.queue_time), "ttft": _seconds(t and t.time_to_first_token),
             "duration": _seconds(r.duration), "trace_id": r.trace_id,
         }
         message = _sentence(r)
@@ -45,7 +46,7 @@ def _sentence(r: RequestRecord) -> str:
     if r.model:
         line += f" model {r.model}" + (f":{r.version}" if r.version else "")
     if r.num_engine_requests:
-        ttft = r.time_to_first_token
+        ttft = r.times and r.times.time_to_first_token
         line += (f": prompt {r.prompt_tokens} tokens, output {r.output_tokens} tokens"
                  f" ({','.join(r.finish_reasons) or 'unfinished'}), TTFT "
                  + (f"{ttft:.3f}s" if ttft is not None else "-"))

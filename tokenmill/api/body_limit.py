@@ -25,6 +25,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+
 class BodyLimit:
     """Bounds each HTTP request's body to max_bytes (413) and the time it takes to arrive to timeout_s
     seconds from the start of the request (408; None: no bound). Either answer closes the connection."""
@@ -100,8 +101,8 @@ async def _answer(scope: Scope, send: Send, error: APIError) -> None:
     (the rest of the body is never read)."""
     error.headers = {**(error.headers or {}), "Connection": "close"}
     if scope.get("path", "").startswith("/v1/messages"):
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
-        response = anthropic_response(error, headers.get("x-request-id") or f"req-{uuid.uuid4().hex}")
+        request_id = scope.get("state", {}).get("request_id") or f"req-{uuid.uuid4().hex}"  # RequestObserver's
+        response = anthropic_response(error, request_id)
     else:
         response = error.response()
 

@@ -168,14 +168,11 @@ class ModelMetrics:
         """A finished request's phases, from the engine's timestamps (a phase it never reached is left out),
         and its token counts; num_tokens: each sample's generated tokens."""
         m = delta.metrics
-        if m.first_scheduled_time is not None:
-            self.request_queue_time.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
-            if m.first_token_time is not None:
-                self.request_prefill_time.observe(max(0.0, m.first_token_time - m.first_scheduled_time))
-                if m.finished_time is not None:
-                    self.request_decode_time.observe(max(0.0, m.finished_time - m.first_token_time))
-            if m.finished_time is not None:
-                self.request_inference_time.observe(max(0.0, m.finished_time - m.first_scheduled_time))
+        for histogram, seconds in ((self.request_queue_time, m.queue_time), (self.request_prefill_time, m.prefill_time),
+                                   (self.request_decode_time, m.decode_time),
+                                   (self.request_inference_time, m.inference_time)):
+            if seconds is not None:
+                histogram.observe(seconds)
         self.request_prompt_tokens.observe(len(delta.prompt_token_ids))
         self.request_generation_tokens.observe(sum(num_tokens))
         self.request_max_num_generation_tokens.observe(max(num_tokens, default=0))

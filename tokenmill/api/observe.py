@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tokenmill.engine.outputs import RequestOutput
+from tokenmill.engine.outputs import RequestMetrics, RequestOutput
 
 if TYPE_CHECKING:
     from .access_log import AccessLog
@@ -44,10 +44,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     output_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)
-    arrival_time: float | None = None
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    finished_time: float | None = None
+    times: RequestMetrics | None = None  # the engine requests' phases, spanned (RequestMetrics.span)
     prompts: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
 
@@ -58,51 +55,14 @@ class RequestRecord:
         self.prompt_tokens += len(final.prompt_token_ids)
         self.output_tokens += output_tokens
         self.finish_reasons += finish_reasons
-        m = final.metrics
-        self.arrival_time = _first(self.arrival_time, m.arrival_time)
-        self.first_scheduled_time = _first(self.first_scheduled_time, m.first_scheduled_time)
-        self.first_token_time = _first(self.first_token_time, m.first_token_time)
-        if m.finished_time is not None:
-            self.finished_time = max(self.finished_time or 0.0, m.finished_time)
+        self.times = final.metrics if self.times is None else self.times.span(final.metrics)
         if self.keep_text:
             self.outputs += texts
 
-    # Durations in seconds, None where the request never got that far.
     @property
     def duration(self) -> float | None:
+        """Seconds from the request's first byte to its response's last."""
         return None if self.end is None else self.end - self.start
-
-    @property
-    def queue_time(self) -> float | None:
-        return _between(self.arrival_time, self.first_scheduled_time)
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        return _between(self.arrival_time, self.first_token_time)
-
-    @property
-    def prefill_time(self) -> float | None:
-        return _between(self.first_scheduled_time, self.first_token_time)
-
-    @property
-    def decode_time(self) -> float | None:
-        return _between(self.first_token_time, self.finished_time)
-
-    @property
-    def inference_time(self) -> float | None:
-        return _between(self.first_scheduled_time, self.finished_time)
-
-    @property
-    def engine_e2e_time(self) -> float | None:
-        return _between(self.arrival_time, self.finished_time)
-
-
-def _first(a: float | None, b: float | None) -> float | None:
-    return b if a is None else a if b is None else min(a, b)
-
-
-def _between(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else max(0.0, b - a)
 
 
 _current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar("tokenmill_request", default=None)

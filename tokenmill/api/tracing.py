@@ -88,9 +88,10 @@ class RequestTracer:
                               ("n", "choice.count")):
                 if r.params.get(key) is not None:
                     attributes[f"gen_ai.request.{name}"] = r.params[key]
-            for name, value in (("time_in_queue", r.queue_time), ("time_to_first_token", r.time_to_first_token),
-                                ("time_in_model_prefill", r.prefill_time), ("time_in_model_decode", r.decode_time),
-                                ("time_in_model_inference", r.inference_time), ("e2e", r.engine_e2e_time)):
+            t = r.times
+            for name, value in (("time_in_queue", t.queue_time), ("time_to_first_token", t.time_to_first_token),
+                                ("time_in_model_prefill", t.prefill_time), ("time_in_model_decode", t.decode_time),
+                                ("time_in_model_inference", t.inference_time), ("e2e", t.e2e_time)):
                 if value is not None:
                     attributes[f"gen_ai.latency.{name}"] = value
         span.set_attributes(attributes)

@@ -51,10 +51,50 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
+    """When a request reached each phase (time.time() of the engine's process), and the phases' lengths in
+    seconds as vLLM splits them; a phase the request never reached (or has not ended) is None."""
+
     arrival_time: float
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        return _between(self.arrival_time, self.first_scheduled_time)
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return _between(self.arrival_time, self.first_token_time)
+
+    @property
+    def prefill_time(self) -> float | None:
+        return _between(self.first_scheduled_time, self.first_token_time)
+
+    @property
+    def decode_time(self) -> float | None:
+        return _between(self.first_token_time, self.finished_time)
+
+    @property
+    def inference_time(self) -> float | None:
+        return _between(self.first_scheduled_time, self.finished_time)
+
+    @property
+    def e2e_time(self) -> float | None:
+        return _between(self.arrival_time, self.finished_time)
+
+    def span(self, other: RequestMetrics) -> RequestMetrics:
+        """Both requests' times as one: each phase begins at the first's and ends at the last's."""
+        first = [min((t for t in pair if t is not None), default=None)
+                 for pair in ((self.first_scheduled_time, other.first_scheduled_time),
+                              (self.first_token_time, other.first_token_time))]
+        finished = None if None in (self.finished_time, other.finished_time) else max(self.finished_time,
+                                                                                      other.finished_time)
+        return RequestMetrics(min(self.arrival_time, other.arrival_time), *first, finished)
+
+
+def _between(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else max(0.0, end - start)
 
 
 @dataclass
