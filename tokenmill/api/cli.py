@@ -59,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         return run_benchmark(args.benchmark, args.args)
-    LogSettings(logging.INFO, json=args.log_format == "json").configure()
     from .response_store import ResponseStore
 
     try:
@@ -82,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     except (TypeError, ValueError) as e:
         print(f"tokenmill serve: {e}", file=sys.stderr)
         return 2
+    # Once the flags are good: this takes over the process's logging (its root handlers, warnings, excepthooks).
+    LogSettings(logging.INFO, json=args.log_format == "json").configure()
     if args.ray:
         from .ray_serve import run_ray  # Ray loads only for --ray
 
