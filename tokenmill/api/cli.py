@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_server(config, args.host, args.port, specs, args.api_key, args.sse_ping_interval,
                           args.engine_in_process, args.tool_call_parser, args.admin_key, args.memory_budget,
-                          args.model_dir, loras, args.reasoning_parser, store, AccessLog(args.log_prompts), tracer)
+                          args.model_dir, loras, args.reasoning_parser, store, AccessLog(args.log_prompts), tracer,
+                          args.webui)
     except EngineStartupError as e:
         print(f"tokenmill serve: the engine failed to start: {e}", file=sys.stderr)
         return 1

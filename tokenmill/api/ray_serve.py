@@ -102,7 +102,7 @@ class OpenAIIngress:
 
     async def __init__(self, engines: list[tuple[ModelSpec, DeploymentHandle]], api_key: str | None = None,
                        sse_ping_s: float = 15.0, tool_call_parser: str | None = None,
-                       reasoning_parser: str | None = None):
+                       reasoning_parser: str | None = None, webui: bool = True):
         self.models = ModelRegistry(sse_ping_s=sse_ping_s, tool_call_parser=tool_call_parser,
                                     reasoning_parser=reasoning_parser)
         clients = {}
@@ -111,10 +111,10 @@ class OpenAIIngress:
             self.models.add(client, spec.name, spec.version, spec.path)
             clients[(spec.name, spec.version or "")] = client
         self.models.metrics.registry.register(ReplicaCollector(clients))
-        self.api_key = api_key
+        self.api_key, self.webui = api_key, webui
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_app(self.models, api_key=self.api_key)
+        return build_app(self.models, api_key=self.api_key, webui=self.webui)
 
 
 def _deployment_name(spec: ModelSpec) -> str:
@@ -144,7 +144,8 @@ def engine_options(config: EngineConfig, replicas: ReplicaSettings, name: str) -
 
 def build_ray_app(base: EngineConfig, specs: list[ModelSpec], replicas: ReplicaSettings,
                   api_key: str | None = None, sse_ping_s: float = 15.0,
-                  tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> Application:
+                  tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+                  webui: bool = True) -> Application:
     """The Serve application: an engine deployment per model, and the ingress over them."""
     engines, capacity = [], 0
     for spec in specs:
@@ -156,7 +157,7 @@ def build_ray_app(base: EngineConfig, specs: list[ModelSpec], replicas: ReplicaS
         capacity += options["max_ongoing_requests"] * replicas.most
     ingress = serve.deployment(OpenAIIngress).options(
         name="openai", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=capacity)
-    return ingress.bind(engines, api_key, sse_ping_s, tool_call_parser, reasoning_parser)
+    return ingress.bind(engines, api_key, sse_ping_s, tool_call_parser, reasoning_parser, webui)
 
 
 def replica_settings(args: argparse.Namespace) -> ReplicaSettings:
@@ -166,7 +167,7 @@ def replica_settings(args: argparse.Namespace) -> ReplicaSettings:
 def app_from_args(args: argparse.Namespace) -> Application:
     """The Serve application `tokenmill serve --ray` runs, from its parsed command line."""
     return build_ray_app(engine_config(args), model_specs(args), replica_settings(args), args.api_key,
-                         args.sse_ping_interval, args.tool_call_parser, args.reasoning_parser)
+                         args.sse_ping_interval, args.tool_call_parser, args.reasoning_parser, args.webui)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

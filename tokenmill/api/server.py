@@ -23,6 +23,7 @@ from tokenmill.engine.core.engine_client import EngineClient
 from .access_log import AccessLog
 from .admin import admin_router
 from .auth import bearer_key_check
+from .chat_page import chat_page_router
 from .errors import EXPECTED_ERRORS, bad_request, install_error_handlers, internal_error
 from .invocations import dispatch, openapi_request_body, openapi_responses
 from .model_spec import ModelSpec
@@ -78,14 +79,15 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
               owns_engine: bool = True, sse_ping_s: float = 15.0, tool_call_parser: str | None = None,
               admin_key: str | None = None, reasoning_parser: str | None = None,
               response_store: ResponseStore | None = None, access_log: AccessLog | None = None,
-              tracer: RequestTracer | None = None) -> FastAPI:
+              tracer: RequestTracer | None = None, webui: bool = True) -> FastAPI:
     """An app serving the registry's models, or one engine (named served_model_name, else its model's
     name). The app's lifespan starts the engines and stops those it owns. tool_call_parser: the format
     of tool calls in replies (api/tool_parsers.py), by default the one each chat template implies.
     admin_key: enables the management API under /admin/ (api/admin.py). reasoning_parser: how replies split
     into reasoning and answer (api/reasoning_parsers.py), by default not at all. response_store: where the
     Responses API keeps stored responses (default: a ResponseStore with its default bounds). access_log: how
-    requests are logged (default: without prompts); tracer: where their spans go (default: not traced)."""
+    requests are logged (default: without prompts); tracer: where their spans go (default: not traced). webui: the
+    chat page at / (api/chat_page.py)."""
     if isinstance(models, EngineClient):
         engine, models = models, ModelRegistry(sse_ping_s=sse_ping_s, tool_call_parser=tool_call_parser,
                                                reasoning_parser=reasoning_parser)
@@ -182,6 +184,8 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
     app.include_router(messages_router(models, api_key))
     if admin_key is not None:
         app.include_router(admin_router(models, admin_key, route_class=_Route))
+    if webui:
+        app.include_router(chat_page_router())
     return app
 
 
@@ -190,7 +194,7 @@ def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec],
                admin_key: str | None = None, memory_budget: int | None = None, model_dir: str | None = None,
                lora_modules: list[tuple[str, str]] | None = None, reasoning_parser: str | None = None,
                response_store: ResponseStore | None = None, access_log: AccessLog | None = None,
-               tracer: RequestTracer | None = None) -> int:
+               tracer: RequestTracer | None = None, webui: bool = True) -> int:
     """Load the models, then serve until SIGINT or SIGTERM (which drain in-flight requests first).
 
     Each engine runs in a process of its own, or with engine_in_process on a thread of this one. Raises
@@ -205,7 +209,7 @@ def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec],
         models.load_at_start(spec)
     models.startup_loras = list(lora_modules or [])
     app = build_app(models, admin_key=admin_key, api_key=api_key, response_store=response_store,
-                    access_log=access_log, tracer=tracer)
+                    access_log=access_log, tracer=tracer, webui=webui)
     # Our access log replaces uvicorn's, and uvicorn's own lines go through the root logger's format (text or
     # JSON, as the CLI configured it) rather than handlers of its own.
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", log_config=None,
