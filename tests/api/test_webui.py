@@ -8,6 +8,7 @@ Needs Debian's chromium and chromium-driver (.ci/run installs them) and selenium
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from concurrent.futures import Future
@@ -109,6 +110,7 @@ def browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 f"--window-size={DESKTOP[0]},{DESKTOP[1] + 200}"):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for script errors
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     yield driver
     driver.quit()
@@ -129,6 +131,7 @@ class Page:
 
     def __init__(self, driver, url: str):
         self.driver = driver
+        driver.get_log("browser")  # the console from here on only
         driver.get(url)
         viewport(driver, DESKTOP)
         driver.execute_script("localStorage.clear(); sessionStorage.clear();")
@@ -200,7 +203,7 @@ def test_real_tokens_stream_in_and_the_conversation_survives_a_reload(browser, s
     # Text arrived in several pieces while the reply was still going (Stop showing), before it ended.
     assert len({n for n, going in seen if going and n > 0}) >= 2, seen
     stats = page.last(".stats")
-    assert model_name in stats and "TTFT" in stats and "tok/s" in stats and "48 tokens" in stats, stats
+    assert re.fullmatch(rf"{re.escape(model_name)} · TTFT \d+ ms · [\d.]+ tok/s · \d+ tokens", stats), stats
 
     page.screenshot(tmp_path / "desktop.png", DESKTOP)
     page.screenshot(tmp_path / "phone.png", PHONE)
@@ -270,6 +273,7 @@ def test_the_model_picker_switches_models_and_regenerate_and_edit_resend(browser
     page.wait_done()
     assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".msg.user")][-1].startswith("hi\nthere")
     assert page.replies() == ["Hello from beta."]
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []  # no script error
     sent = engines["beta:v2"].params[-1]
     assert sent.max_tokens is None or sent.max_tokens > 100  # nothing set: the server's default
 

@@ -182,7 +182,9 @@ async function send(text) {
     return;
   }
   if (!current) {
-    current = { id: crypto.randomUUID(), title: text.slice(0, 60), updated: Date.now(), messages: [] };
+    // Not crypto.randomUUID: a page opened over plain http from another host is not a secure context.
+    const id = `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+    current = { id, title: text.slice(0, 60), updated: Date.now(), messages: [] };
     conversations.push(current);
   }
   current.messages.push({ role: "user", content: text });

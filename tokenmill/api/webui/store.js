@@ -24,7 +24,8 @@ function write(storage, name, value) {
 // Conversations, newest first: {id, title, updated, messages: [{role, content, stats?, error?, stopped?}]}.
 export function loadConversations() {
   const conversations = read(localStorage, CONVERSATIONS, []);
-  return Array.isArray(conversations) ? conversations : [];
+  if (!Array.isArray(conversations)) return [];
+  return conversations.filter((c) => c && typeof c.title === "string" && Array.isArray(c.messages));
 }
 
 export function saveConversations(conversations) {
