@@ -59,6 +59,8 @@ def test_wheel_holds_only_the_tokenmill_package(wheel):
     tops = {n.split("/", 1)[0] for n in names}
     assert tops == {"tokenmill", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
     assert "tokenmill/kernels/cpu/csrc/attention.cpp" in names  # the C++ ops build from the installed sources
+    for name in ("index.html", "app.js", "api.js", "markdown.js", "store.js", "style.css"):
+        assert f"tokenmill/api/webui/{name}" in names  # the chat page at /
     top_level = [n for n in names if n.endswith("top_level.txt")]
     assert not top_level or zipfile.ZipFile(wheel).read(top_level[0]).decode().split() == ["tokenmill"]
 

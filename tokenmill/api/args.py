@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                        help="require `Authorization: Bearer KEY` on /v1, /tokenize and /detokenize "
                             "(default: $TOKENMILL_API_KEY; none: open)")
+    serve.add_argument("--no-webui", dest="webui", action="store_false",
+                       help="no chat page at / (by default the server opens one there, which talks to it "
+                            "through /v1 like any client)")
 
     ray = serve.add_argument_group("replicas on Ray Serve (--ray)")
     ray.add_argument("--ray", action="store_true",

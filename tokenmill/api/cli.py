@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_server(config, args.host, args.port, specs, args.api_key, args.sse_ping_interval,
                           args.engine_in_process, args.tool_call_parser, args.admin_key, args.memory_budget,
                           args.model_dir, loras, args.reasoning_parser, store, limits, AccessLog(args.log_prompts),
-                          tracer)
+                          tracer, args.webui)
     except EngineStartupError as e:
         print(f"tokenmill serve: the engine failed to start: {e}", file=sys.stderr)
         return 1

@@ -104,7 +104,8 @@ class OpenAIIngress:
 
     async def __init__(self, engines: list[tuple[ModelSpec, DeploymentHandle]], api_key: str | None = None,
                        sse_ping_s: float = 15.0, tool_call_parser: str | None = None,
-                       reasoning_parser: str | None = None, limits: HTTPLimits | None = None):
+                       reasoning_parser: str | None = None, limits: HTTPLimits | None = None,
+                       webui: bool = True):
         self.models = ModelRegistry(sse_ping_s=sse_ping_s, tool_call_parser=tool_call_parser,
                                     reasoning_parser=reasoning_parser)
         clients = {}
@@ -113,12 +114,12 @@ class OpenAIIngress:
             self.models.add(client, spec.name, spec.version, spec.path)
             clients[(spec.name, spec.version or "")] = client
         self.models.metrics.registry.register(ReplicaCollector(clients))
-        self.api_key, self.limits = api_key, limits
+        self.api_key, self.limits, self.webui = api_key, limits, webui
 
     def __serve_build_asgi_app__(self) -> Any:
         # Serve's proxy holds the connections: of the HTTP limits, the body's apply here (the keep-alive timeout is
         # the proxy's, from --timeout-keep-alive; the header bounds are Serve's own).
-        return build_app(self.models, api_key=self.api_key, http_limits=self.limits)
+        return build_app(self.models, api_key=self.api_key, http_limits=self.limits, webui=self.webui)
 
 
 def _deployment_name(spec: ModelSpec) -> str:
@@ -149,7 +150,7 @@ def engine_options(config: EngineConfig, replicas: ReplicaSettings, name: str) -
 def build_ray_app(base: EngineConfig, specs: list[ModelSpec], replicas: ReplicaSettings,
                   api_key: str | None = None, sse_ping_s: float = 15.0,
                   tool_call_parser: str | None = None, reasoning_parser: str | None = None,
-                  limits: HTTPLimits | None = None) -> Application:
+                  limits: HTTPLimits | None = None, webui: bool = True) -> Application:
     """The Serve application: an engine deployment per model, and the ingress over them."""
     engines, capacity = [], 0
     for spec in specs:
@@ -161,7 +162,7 @@ def build_ray_app(base: EngineConfig, specs: list[ModelSpec], replicas: ReplicaS
         capacity += options["max_ongoing_requests"] * replicas.most
     ingress = serve.deployment(OpenAIIngress).options(
         name="openai", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=capacity)
-    return ingress.bind(engines, api_key, sse_ping_s, tool_call_parser, reasoning_parser, limits)
+    return ingress.bind(engines, api_key, sse_ping_s, tool_call_parser, reasoning_parser, limits, webui)
 
 
 def replica_settings(args: argparse.Namespace) -> ReplicaSettings:
@@ -171,7 +172,8 @@ def replica_settings(args: argparse.Namespace) -> ReplicaSettings:
 def app_from_args(args: argparse.Namespace) -> Application:
     """The Serve application `tokenmill serve --ray` runs, from its parsed command line."""
     return build_ray_app(engine_config(args), model_specs(args), replica_settings(args), args.api_key,
-                         args.sse_ping_interval, args.tool_call_parser, args.reasoning_parser, http_limits(args))
+                         args.sse_ping_interval, args.tool_call_parser, args.reasoning_parser, http_limits(args),
+                         args.webui)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

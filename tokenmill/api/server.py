@@ -24,6 +24,7 @@ from .access_log import AccessLog
 from .admin import admin_router
 from .auth import bearer_key_check
 from .body_limit import BodyLimit
+from .chat_page import chat_page_router
 from .errors import EXPECTED_ERRORS, bad_request, install_error_handlers, internal_error
 from .http_limits import HTTPLimits
 from .invocations import dispatch, openapi_request_body, openapi_responses
@@ -80,7 +81,8 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
               owns_engine: bool = True, sse_ping_s: float = 15.0, tool_call_parser: str | None = None,
               admin_key: str | None = None, reasoning_parser: str | None = None,
               response_store: ResponseStore | None = None, http_limits: HTTPLimits | None = None,
-              access_log: AccessLog | None = None, tracer: RequestTracer | None = None) -> FastAPI:
+              access_log: AccessLog | None = None, tracer: RequestTracer | None = None,
+              webui: bool = True) -> FastAPI:
     """An app serving the registry's models, or one engine (named served_model_name, else its model's
     name). The app's lifespan starts the engines and stops those it owns. tool_call_parser: the format
     of tool calls in replies (api/tool_parsers.py), by default the one each chat template implies.
@@ -88,7 +90,8 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
     into reasoning and answer (api/reasoning_parsers.py), by default not at all. response_store: where the
     Responses API keeps stored responses (default: a ResponseStore with its default bounds). http_limits: the
     bounds on a request's body, its size and how long it may take (default: HTTPLimits()'s). access_log: how requests
-    are logged (default: without prompts); tracer: where their spans go (default: not traced)."""
+    are logged (default: without prompts); tracer: where their spans go (default: not traced). webui: the chat page
+    at / (api/chat_page.py)."""
     if isinstance(models, EngineClient):
         engine, models = models, ModelRegistry(sse_ping_s=sse_ping_s, tool_call_parser=tool_call_parser,
                                                reasoning_parser=reasoning_parser)
@@ -188,6 +191,8 @@ def build_app(models: ModelRegistry | EngineClient, served_model_name: str | Non
     app.include_router(messages_router(models, api_key))
     if admin_key is not None:
         app.include_router(admin_router(models, admin_key, route_class=_Route))
+    if webui:
+        app.include_router(chat_page_router())
     return app
 
 
@@ -196,7 +201,8 @@ def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec],
                admin_key: str | None = None, memory_budget: int | None = None, model_dir: str | None = None,
                lora_modules: list[tuple[str, str]] | None = None, reasoning_parser: str | None = None,
                response_store: ResponseStore | None = None, http_limits: HTTPLimits | None = None,
-               access_log: AccessLog | None = None, tracer: RequestTracer | None = None) -> int:
+               access_log: AccessLog | None = None, tracer: RequestTracer | None = None,
+               webui: bool = True) -> int:
     """Load the models, then serve until SIGINT or SIGTERM (which drain in-flight requests first).
 
     Each engine runs in a process of its own, or with engine_in_process on a thread of this one. Raises
@@ -213,7 +219,7 @@ def run_server(base: EngineConfig, host: str, port: int, specs: list[ModelSpec],
     models.startup_loras = list(lora_modules or [])
     http_limits = http_limits or HTTPLimits()
     app = build_app(models, admin_key=admin_key, api_key=api_key, response_store=response_store,
-                    http_limits=http_limits, access_log=access_log, tracer=tracer)
+                    http_limits=http_limits, access_log=access_log, tracer=tracer, webui=webui)
     # Our access log replaces uvicorn's, and uvicorn's own lines go through the root logger's format (text or
     # JSON, as the CLI configured it) rather than handlers of its own.
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", log_config=None,
