@@ -27,7 +27,7 @@ from benchmarks.datasets import _CORPUS  # noqa: E402
 from tokenmill.engine import LLM, SamplingParams  # noqa: E402
 from tokenmill.engine.config import default_model_path  # noqa: E402
 from tokenmill.engine.models.layers import AttentionMetadata  # noqa: E402
-from tokenmill.engine.weights.loader import load_gguf_tokenizer  # noqa: E402
+from tokenmill.engine.weights.gguf_tokenizer import load_gguf_tokenizer  # noqa: E402
 
 MODES = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("auto", "int8"),
          "int4": ("auto", "int4"), "gguf": ("auto", "gguf")}

@@ -13,6 +13,6 @@ if not torch.cuda.is_available():
 def tokenizer():
     """The default model's tokenizer (SmolLM2-135M-Instruct, byte-level BPE), from the installed GGUF."""
     from tokenmill.engine.config import default_model_path
-    from tokenmill.engine.weights.loader import load_gguf_tokenizer
+    from tokenmill.engine.weights.gguf_tokenizer import load_gguf_tokenizer
 
     return load_gguf_tokenizer(default_model_path())

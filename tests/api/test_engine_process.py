@@ -23,7 +23,7 @@ from tokenmill.api.server import build_app
 from tokenmill.engine.config import EngineConfig, default_model_path
 from tokenmill.engine.core.async_engine import AsyncLLMEngine
 from tokenmill.engine.core.core_client import MPEngineClient
-from tokenmill.engine.weights.loader import load_gguf_tokenizer
+from tokenmill.engine.weights.gguf_tokenizer import load_gguf_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=64, intermediate_size=128,

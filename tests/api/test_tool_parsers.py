@@ -235,7 +235,8 @@ NATIVE = ("{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }
 
 
 def test_a_template_that_knows_tools_renders_them_through_transformers():
-    from tokenmill.engine.weights.loader import default_model_path, load_gguf_tokenizer
+    from tokenmill.engine.config import default_model_path
+    from tokenmill.engine.weights.gguf_tokenizer import load_gguf_tokenizer
 
     req = _request(tools=[WEATHER], messages=HISTORY)
     turns, tools = conversation(req.messages, ToolRequest.from_request(req), NATIVE, format_for_template(NATIVE))

@@ -16,7 +16,8 @@ from transformers.tokenization_utils_base import generate_merges
 
 from tokenmill.engine import LLM, SamplingParams
 from tokenmill.engine.sampling.detokenizer import IncrementalDetokenizer
-from tokenmill.engine.weights.loader import load_gguf_tokenizer
+from tokenmill.engine.weights import gguf_tokenizer
+from tokenmill.engine.weights.gguf_tokenizer import load_gguf_tokenizer
 
 gguf = pytest.importorskip("gguf")
 
@@ -139,6 +140,27 @@ def test_gguf_without_space_prefix_encodes_and_decodes_as_sentencepiece_without_
         ids = sp.encode(text)
         assert tok.encode(text, add_special_tokens=False) == ids, text
         assert tok.decode(ids) == sp.decode(ids) == text
+
+
+@pytest.mark.parametrize("add_space_prefix", [True, False])
+def test_the_cached_tokenizer_encodes_and_decodes_as_sentencepiece(tmp_path, monkeypatch, add_space_prefix):
+    """The sentencepiece splitting survives the tokenizer's round trip through the cache folder."""
+    sp = train(add_dummy_prefix=add_space_prefix)
+    path = write_llama_gguf(str(tmp_path / "tiny.gguf"), tiny_llama(sp.vocab_size()),
+                            add_sentencepiece_vocab(sp, add_space_prefix=add_space_prefix))
+    monkeypatch.setattr(gguf_tokenizer, "CACHE_ROOT", tmp_path / "cache")
+    gguf_tokenizer.load_gguf_tokenizer.cache_clear()
+    gguf_tokenizer.load_gguf_tokenizer(path)  # built and saved
+    gguf_tokenizer.load_gguf_tokenizer.cache_clear()
+    monkeypatch.setattr(gguf_tokenizer, "build_gguf_tokenizer", None)  # a second build would fail
+    tok = gguf_tokenizer.load_gguf_tokenizer(path)
+    gguf_tokenizer.load_gguf_tokenizer.cache_clear()
+    for text in TEXTS:
+        ids = sp.encode(text)
+        assert tok.encode(text, add_special_tokens=False) == ids, text
+        assert tok.encode(text) == [BOS, *ids]
+        assert tok.decode(ids) == sp.decode(ids) == text
+    assert tok.encode("</s>Hello", add_special_tokens=False) == [EOS, *sp.encode("Hello")]
 
 
 def stream(tok, prompt_ids: list[int], out_ids: list[int], chunks: list[int], **params) -> tuple[list[str], str]:

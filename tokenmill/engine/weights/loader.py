@@ -5,7 +5,6 @@ names onto its fused parameters.
 """
 from __future__ import annotations
 
-import functools
 import glob
 import json
 import os
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from tokenmill.engine.config import ModelConfig, default_model_path
+from tokenmill.engine.weights.gguf_tokenizer import load_gguf_tokenizer
 
 WeightIter = Iterator[tuple[str, torch.Tensor]]
 
@@ -115,7 +115,9 @@ def _gguf_rope_scaling(field: Callable[..., Any], arch: str, head_dim: int,
 def _load_gguf(path: str, load_tokenizer: bool = True):
     import gguf
 
-    reader = gguf.GGUFReader(path)
+    from tokenmill.engine.weights.gguf_reader import GGUFReader
+
+    reader = GGUFReader(path)
 
     def field(key, default=None):
         f = reader.fields.get(key)
@@ -198,37 +200,6 @@ def _load_tokenizer_for_dummy(path: str):
     if glob.glob(os.path.join(folder, "tokenizer*")):
         return AutoTokenizer.from_pretrained(folder)
     return load_gguf_tokenizer(default_model_path())
-
-
-@functools.lru_cache(maxsize=4)
-def load_gguf_tokenizer(path: str):
-    """Building a tokenizer from GGUF metadata takes seconds; one per file per process is enough."""
-    import gguf
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                              gguf_file=os.path.basename(path))
-    fields = gguf.GGUFReader(path).fields
-    if fields["tokenizer.ggml.model"].contents() == "llama":  # sentencepiece (Llama 2, TinyLlama, Mistral)
-        prefix = fields.get("tokenizer.ggml.add_space_prefix")
-        _split_as_sentencepiece(tokenizer, add_dummy_prefix=prefix is None or prefix.contents())
-    return tokenizer
-
-
-def _split_as_sentencepiece(tokenizer, add_dummy_prefix: bool) -> None:
-    """Encode as sentencepiece and llama.cpp do: "▁" before each run of text, after a special token too and
-    even where the text starts with a space. transformers' Metaspace adds it only before the first run, and
-    not before a space, which gives other ids for "<s>[INST] ..." and " text" than the model was trained on.
-    Decoding is unchanged, but without the dummy prefix no leading space is stripped either."""
-    from tokenizers import decoders, normalizers
-
-    backend = tokenizer.backend_tokenizer
-    spaces = normalizers.Replace(" ", "\u2581")
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), spaces]) if add_dummy_prefix else spaces
-    backend.pre_tokenizer = None
-    if not add_dummy_prefix:
-        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                             decoders.Fuse()])
 
 
 def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
