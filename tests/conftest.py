@@ -16,3 +16,16 @@ def tokenizer():
     from tokenmill.engine.weights.gguf_tokenizer import load_gguf_tokenizer
 
     return load_gguf_tokenizer(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """transformers' own float32 model of the default GGUF, the reference for greedy and beam outputs (its
+    load takes about 23 s here: once per run)."""
+    from transformers import AutoModelForCausalLM
+
+    from tokenmill.engine.config import default_model_path
+
+    path = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()

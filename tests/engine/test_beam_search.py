@@ -1,13 +1,11 @@
 """Beam search against transformers' generate(num_beams=W, do_sample=False): the same W sequences, in the same
 order, with the same scores; the server's driver (over the async engine client) gives the offline result."""
 import asyncio
-import os
 
 import pytest
 import torch
 
 from tokenmill import LLM, BeamSearchParams
-from tokenmill.engine.config import default_model_path
 from tokenmill.engine.core.async_engine import AsyncLLMEngine
 from tokenmill.engine.core.beam_search_stream import beam_search
 from tokenmill.engine.limits import InvalidRequestError
@@ -46,15 +44,6 @@ def results(llm, prompts):
     return out
 
 
-@pytest.fixture(scope="module")
-def hf():
-    from transformers import AutoModelForCausalLM
-
-    path = default_model_path()
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=torch.float32).eval()
-
-
 def transformers_beams(hf, prompt_ids: list[list[int]], width, max_tokens, penalty,
                        early) -> list[list[tuple[list[int], float]]]:
     """Per prompt (all of one length), (generated ids up to the EOS if any, score) of transformers' width best
@@ -70,13 +59,13 @@ def transformers_beams(hf, prompt_ids: list[list[int]], width, max_tokens, penal
 
 
 @pytest.mark.parametrize("case", CASES, ids=["w2", "w4-penalty2-early"])
-def test_beams_are_transformers_beams(llm, hf, prompts, results, case):
+def test_beams_are_transformers_beams(llm, hf_model, prompts, results, case):
     outputs, prefix_hits = results[case]
     width, max_tokens, penalty, early, keep_eos = case
     tok = llm.get_tokenizer()
     assert prefix_hits > 0  # the beams' requests share their prompt's KV blocks
     ids = [tok.encode(prompts[0]), prompts[1]["prompt_token_ids"]]
-    for prompt_ids, out, want in zip(ids, outputs, transformers_beams(hf, ids, width, max_tokens, penalty, early),
+    for prompt_ids, out, want in zip(ids, outputs, transformers_beams(hf_model, ids, width, max_tokens, penalty, early),
                                      strict=True):
         seqs = out.sequences
         assert len(seqs) == width and len({tuple(s.tokens) for s in seqs}) == width

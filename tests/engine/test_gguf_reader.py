@@ -14,6 +14,6 @@ def test_fields_and_tensors_equal_ggufs_reader():
         assert ours.fields[name].types == field.types
         assert ours.fields[name].contents() == field.contents(), name
     assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
-    for a, b in zip(ours.tensors, theirs.tensors):
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
         assert (a.tensor_type, a.shape.tolist(), a.data_offset) == (b.tensor_type, b.shape.tolist(), b.data_offset)
         assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data)

@@ -1,12 +1,10 @@
 """The default model end to end: exact greedy output against transformers, and every scheduling path
 (batching, preemption, chunked prefill, prefix caching) giving the same tokens as the plain run."""
-import os
 
 import pytest
 import torch
 
 from tokenmill.engine import LLM, SamplingParams
-from tokenmill.engine.config import default_model_path
 
 PROMPTS = [
     "Once upon a time",
@@ -34,17 +32,12 @@ def batch_tokens(llm):
 
 
 @pytest.fixture(scope="module")
-def hf_tokens(llm):
-    from transformers import AutoModelForCausalLM
-
-    path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32).eval()
+def hf_tokens(llm, hf_model):
     tok = llm.get_tokenizer()
     out = []
     for p in PROMPTS:
         ids = tok(p, return_tensors="pt").input_ids
-        gen = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
+        gen = hf_model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.eos_token_id)
         out.append(gen[0, ids.shape[1]:].tolist())
     return out
