@@ -121,6 +121,14 @@ def split_heads(num_heads: int, num_kv_heads: int, tp: TensorParallel) -> HeadSp
     return HeadSplit(range(kv_head * group + q.start, kv_head * group + q.stop), range(kv_head, kv_head + 1))
 
 
+def empty_linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None = None) -> nn.Linear:
+    """An nn.Linear on the default device whose weights are left unset (as the embedding's are): the
+    checkpoint or init_dummy_weights sets every parameter, and nn.Linear's own random init of a 135M model
+    costs about a second per start."""
+    return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, dtype=dtype,
+                              device=torch.get_default_device())
+
+
 class VocabParallelEmbedding(nn.Module):
     """The embedding table split by vocabulary rows: each rank looks up the ids in its slice, zeros for
     the others, and the all-reduce sums the one non-zero row per token."""
@@ -237,9 +245,9 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.qkv_proj = empty_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         o_bias = cfg.attention_bias and cfg.architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM")
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
+        self.o_proj = empty_linear(self.q_size, cfg.hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.ops = ops
@@ -269,8 +277,8 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, ops: ModuleType,
                  tp: TensorParallel = SINGLE_RANK):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = empty_linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = empty_linear(intermediate_size, hidden_size, bias=False)
         self.ops = ops
         self.tp = tp
 

@@ -24,6 +24,7 @@ from tokenmill.engine.models.layers import (
     RotaryEmbedding,
     TensorParallel,
     VocabParallelEmbedding,
+    empty_linear,
     split_heads,
 )
 
@@ -68,7 +69,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                       cfg.rope_scaling, ops)
         # Vocab-parallel like the embedding (the same shard when tied); compute_logits gathers the slices.
-        self.lm_head = nn.Linear(cfg.hidden_size, len(self.embed_tokens.vocab), bias=False)
+        self.lm_head = empty_linear(cfg.hidden_size, len(self.embed_tokens.vocab), bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

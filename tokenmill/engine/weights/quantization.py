@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from tokenmill.engine.config import EngineConfig
+from tokenmill.engine.models.layers import empty_linear
 from tokenmill.engine.weights.loader import GGUFWeights
 from tokenmill.kernels import cpu
 
@@ -196,7 +197,7 @@ def dense_linear(weight: torch.Tensor, native: bool) -> nn.Module:
     loaded), else torch's matmul."""
     if native and weight.dtype == torch.float32:
         return DenseLinear(weight)
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    linear = empty_linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
     linear.weight = nn.Parameter(weight, requires_grad=False)
     return linear
 
