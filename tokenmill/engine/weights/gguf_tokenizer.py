@@ -62,9 +62,8 @@ def build_gguf_tokenizer(path: str):
     tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
                                               gguf_file=os.path.basename(path))
     fields = GGUFReader(path).fields
-    if fields["tokenizer.ggml.model"].contents() == "llama":  # sentencepiece (Llama 2, TinyLlama, Mistral)
-        prefix = fields.get("tokenizer.ggml.add_space_prefix")
-        _split_as_sentencepiece(tokenizer, add_dummy_prefix=prefix is None or prefix.contents())
+    if fields["tokenizer.ggml.model"] == "llama":  # sentencepiece (Llama 2, TinyLlama, Mistral)
+        _split_as_sentencepiece(tokenizer, add_dummy_prefix=fields.get("tokenizer.ggml.add_space_prefix", True))
     return tokenizer
 
 

@@ -113,19 +113,12 @@ def _gguf_rope_scaling(field: Callable[..., Any], arch: str, head_dim: int,
 
 
 def _load_gguf(path: str, load_tokenizer: bool = True):
-    import gguf
-
-    from tokenmill.engine.weights.gguf_reader import GGUFReader
+    from tokenmill.engine.weights.gguf_reader import GGUFReader, dequantize
 
     reader = GGUFReader(path)
 
     def field(key, default=None):
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
-
-    def dequantize(t) -> np.ndarray:  # a writable float32 copy in PyTorch's dimension order
-        w = gguf.quants.dequantize(t.data, t.tensor_type)  # the arithmetic transformers uses
-        return np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+        return reader.fields.get(key, default)
 
     arch = field("general.architecture")
     if arch not in _GGUF_ARCHS:
