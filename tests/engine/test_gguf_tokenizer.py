@@ -3,6 +3,7 @@ processes with the same encoding, decoding, special tokens and chat template; a 
 folder or an unwritable cache only cost a build."""
 import os
 import shutil
+import tempfile
 
 import pytest
 
@@ -60,14 +61,23 @@ def test_the_cached_tokenizer_is_the_built_one(cache, monkeypatch, tokenizer):
             tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
 
-def test_a_changed_file_damaged_folder_or_unwritable_cache_is_built_again(cache, monkeypatch, tmp_path, tokenizer):
+def _rename(path: str, name: bytes) -> None:
+    data = bytearray(open(path, "rb").read())
+    at = data.index(b"Smollm")
+    data[at:at + len(name)] = name
+    open(path, "wb").write(data)
+
+
+def test_the_key_is_the_header_and_a_damaged_or_unwritable_cache_only_costs_a_build(cache, monkeypatch, tmp_path,
+                                                                                      tokenizer):
     path = str(tmp_path / "model.gguf")
     shutil.copyfile(default_model_path(), path)
+    os.utime(path, ns=(0, 0))
+    assert gguf_tokenizer.cache_folder(path) == gguf_tokenizer.cache_folder(default_model_path())  # a copy
     built = _builds(monkeypatch, tokenizer)
     gguf_tokenizer.load_gguf_tokenizer(path)
-    folder = gguf_tokenizer.cache_folder(path)
-    os.utime(path, ns=(0, 0))  # another file now: the key holds size and modification time
-    assert gguf_tokenizer.cache_folder(path) != folder
+    _rename(path, b"Smollm3")  # the model's name, in the metadata: another header
+    assert gguf_tokenizer.cache_folder(path) != gguf_tokenizer.cache_folder(default_model_path())
     _load_again(path)
     assert len(built) == 2 and len(list(cache.iterdir())) == 2
 
@@ -77,10 +87,22 @@ def test_a_changed_file_damaged_folder_or_unwritable_cache_is_built_again(cache,
     _load_again(path)
     assert len(built) == 3  # the damaged folder was replaced
 
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    with monkeypatch.context() as m:  # a read-only cache is still read; what it lacks is built every time
+        m.setattr(os, "utime", refuse)
+        m.setattr(tempfile, "mkdtemp", refuse)
+        _load_again(path)
+        assert len(built) == 3
+        _rename(path, b"Smollm4")
+        _load_again(path)
+        _load_again(path)
+        assert len(built) == 5 and len(list(cache.iterdir())) == 2
     shutil.rmtree(cache)
     cache.write_text("a file where the cache folder should be")
     assert _load_again(path).decode([19556, 905, 17]) == "Hello world!"
-    assert len(built) == 4
+    assert len(built) == 6
 
 
 def test_only_the_most_recently_used_folders_are_kept(cache, monkeypatch, tokenizer):

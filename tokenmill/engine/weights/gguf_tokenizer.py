@@ -7,17 +7,20 @@ every start of a server). The built tokenizer is saved once per file under
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 CACHE_ROOT = Path.home() / ".cache" / "tokenmill" / "tokenizers"
-KEEP = 16  # folders kept, the most recently used first (a test run writes one per temporary GGUF file)
+KEEP = 16  # folders kept, the most recently used first
 
 
 @functools.lru_cache(maxsize=4)
@@ -29,27 +32,37 @@ def load_gguf_tokenizer(path: str):
     if folder.is_dir():
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
-            os.utime(folder)  # recently used: pruned last
-            return tokenizer
         except Exception as e:  # a damaged folder: build again and replace it
             logger.warning("cached tokenizer %s did not load (%s); building it from %s again", folder, e, path)
             shutil.rmtree(folder, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):  # a read-only cache is still used
+                os.utime(folder)  # recently used: pruned last
+            return tokenizer
     tokenizer = build_gguf_tokenizer(path)
     _publish(tokenizer, folder)
     return tokenizer
 
 
 def cache_folder(path: str) -> Path:
-    """The file's folder in the cache: keyed by the file (path, size, modification time), this module's
-    source and the versions of the libraries that build and save the tokenizer."""
+    """The file's folder in the cache, keyed by what its tokenizer is made of: the file's header (the
+    metadata, not the weights, so a copy elsewhere shares it), the tokenizer files transformers also reads
+    beside the file, the code that builds it and the versions of the libraries that build and save it."""
     import tokenizers
     import transformers
 
-    real = os.path.realpath(path)
-    stat = os.stat(real)
-    key = hashlib.sha256(Path(__file__).read_bytes())
-    key.update(f"{real} {stat.st_size} {stat.st_mtime_ns} {transformers.__version__} "
-               f"{tokenizers.__version__}".encode())
+    from tokenmill.engine.weights import gguf_reader
+
+    key = hashlib.sha256()
+    with open(path, "rb") as f:
+        key.update(f.read(gguf_reader.GGUFReader(path).data_offset))
+    folder = Path(os.path.abspath(path)).parent
+    for file in (folder / "tokenizer_config.json", folder / "chat_template.jinja"):
+        if file.is_file():
+            key.update(file.name.encode() + file.read_bytes())
+    for source in (Path(__file__), Path(gguf_reader.__file__)):
+        key.update(source.read_bytes())
+    key.update(f"{transformers.__version__} {tokenizers.__version__}".encode())
     return CACHE_ROOT / key.hexdigest()[:16]
 
 
@@ -84,24 +97,30 @@ def _split_as_sentencepiece(tokenizer, add_dummy_prefix: bool) -> None:
 
 
 def _publish(tokenizer, folder: Path) -> None:
-    """Save into a folder of this process's own, then rename it into place, so that a concurrent process
+    """Save into a folder of this call's own, then rename it into place, so that a concurrent process
     never loads a half-written tokenizer. A cache that cannot be written only costs the next start time."""
-    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    tmp = None
     try:
+        CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=folder.name, suffix=".tmp", dir=CACHE_ROOT)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, folder)
-    except OSError as e:  # read-only home, a full disk, or another process published first
+    except Exception as e:  # read-only home, a full disk, another process published first, a failed save
         logger.debug("tokenizer not cached in %s: %s", folder, e)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         return
     _prune()
 
 
 def _prune() -> None:
+    """Keep the KEEP most recently used folders, and no half-written one older than an hour (its process
+    was killed mid-save)."""
     try:
-        folders = sorted((p for p in CACHE_ROOT.iterdir() if not p.name.endswith(".tmp")),
-                         key=lambda p: p.stat().st_mtime, reverse=True)
+        entries = [(p, p.stat().st_mtime) for p in CACHE_ROOT.iterdir()]
     except OSError:  # a folder another process pruned meanwhile: its next publish prunes again
         return
-    for old in folders[KEEP:]:
+    stale = [p for p, mtime in entries if p.name.endswith(".tmp") and mtime < time.time() - 3600]
+    done = sorted((e for e in entries if not e[0].name.endswith(".tmp")), key=lambda e: e[1], reverse=True)
+    for old in stale + [p for p, _ in done[KEEP:]]:
         shutil.rmtree(old, ignore_errors=True)
